@@ -1,0 +1,80 @@
+"""One mount's life: open the store, lay out the tree, serve FUSE requests, and on unmount or
+SIGINT/SIGTERM flush everything and close the store cleanly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from . import layout
+from .config import Config
+from .fs import SCHEMA_FOLDER_MODE, TempFS
+from .mounts import fusermount_unmount
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+def prepare_tree(store: Store, config: Config) -> None:
+    """Makes every schema folder exist with its kind; folders the config dropped become ordinary."""
+    kinds = layout.schema_kinds(config.folders)
+    keep = [store.ensure_folder(path, kinds[path], SCHEMA_FOLDER_MODE, os.getuid(), os.getgid())
+            for path in config.folders]
+    for path in store.unmark_schema(keep):
+        log.warning("%s is no longer declared by the config: it is now an ordinary folder", path)
+    store.db.commit()
+
+
+def mount_options(store_path: Path) -> set[str]:
+    return {"fsname=tempfs:" + str(store_path), "subtype=tempfs", "default_permissions", "allow_other"}
+
+
+def serve(store: Store, config: Config, mountpoint: Path) -> None:
+    """Mounts and serves until unmounted; always leaves the store closed and the mount gone."""
+    prepare_tree(store, config)
+    capacity = sum(config.policies[area].max_size for area in config.areas)
+    ops = TempFS(store, capacity)
+    pyfuse3.init(ops, str(mountpoint), mount_options(store.path))
+    log.info("mounted %s at %s (pid %d)", store.path, mountpoint, os.getpid())
+    daemon = _Daemon(store, mountpoint)
+    try:
+        trio.run(daemon.run)
+    finally:
+        pyfuse3.close(unmount=daemon.must_unmount)
+        store.close()
+        log.info("unmounted %s; store closed", mountpoint)
+
+
+class _Daemon:
+    def __init__(self, store: Store, mountpoint: Path) -> None:
+        self.store = store
+        self.mountpoint = mountpoint
+        self.must_unmount = True
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.store.blocks.run_flusher)
+            await nursery.start(self.store.run_committer)
+            nursery.start_soon(self._on_signals)
+            await pyfuse3.main()
+            self.must_unmount = self._terminated_by_us
+            nursery.cancel_scope.cancel()
+        await self.store.sync()
+
+    _terminated_by_us = False
+
+    async def _on_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("%s: unmounting %s", signal.Signals(signum).name, self.mountpoint)
+                result = await trio.to_thread.run_sync(fusermount_unmount, self.mountpoint)
+                if result.returncode != 0:
+                    # busy: stop serving; close() then detaches the mount lazily
+                    log.warning("unmount failed (%s); detaching lazily", result.stderr.strip())
+                    self._terminated_by_us = True
+                    pyfuse3.terminate()

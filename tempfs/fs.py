@@ -1,0 +1,360 @@
+"""The FUSE front end: each kernel request becomes a store call, each refusal a deliberate errno.
+
+This layer knows FUSE (entry and attribute replies, lookup counts, file handles) and enforces the
+layout's rules, logging every refusal with its reason and the requesting process. It knows
+nothing of SQL, lz4 or ciphers: those live below, in the store.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+import time
+from collections import Counter
+from typing import Optional, Sequence
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from . import __version__, layout
+from .store import BlockReadError, Inode, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+XATTR_PREFIX = b"user.tempfs."
+STATUS_XATTR = XATTR_PREFIX + b"status"
+PID_XATTR = XATTR_PREFIX + b"pid"
+SCHEMA_FOLDER_MODE = 0o1777
+
+
+def _errors(method):
+    """Turns store errors into errnos; an unexpected error is logged and answered with EIO,
+    because an exception escaping a handler would stop the whole FUSE loop."""
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await method(self, *args, **kwargs)
+        except FUSEError:
+            raise
+        except StoreError as e:
+            raise FUSEError(e.errno) from None
+        except BlockReadError as e:
+            log.error("integrity error: %s: %s", self.store.path_of(e.inode), e.reason)
+            self.stats["integrity_errors"] += 1
+            raise FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", method.__name__)
+            raise FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class TempFS(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, store: Store, capacity: int) -> None:
+        super().__init__()
+        self.store = store
+        self.capacity = capacity
+        self.stats: Counter[str] = Counter()
+        self.started = time.time()
+        self._lookups: Counter[int] = Counter()
+        self._opens: Counter[int] = Counter()
+
+    # ---- replies -------------------------------------------------------------------------
+    def _attributes(self, node: Inode) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.id
+        attrs.st_mode = node.mode
+        attrs.st_nlink = node.nlink
+        attrs.st_uid = node.uid
+        attrs.st_gid = node.gid
+        attrs.st_rdev = node.rdev
+        attrs.st_size = node.size
+        attrs.st_blksize = self.store.blocks.block_size
+        attrs.st_blocks = (node.size + 511) // 512
+        attrs.st_atime_ns = node.atime_ns
+        attrs.st_mtime_ns = node.mtime_ns
+        attrs.st_ctime_ns = node.ctime_ns
+        return attrs
+
+    def _entry(self, node: Inode) -> pyfuse3.EntryAttributes:
+        """An attribute reply that the kernel counts as a lookup."""
+        self._lookups[node.id] += 1
+        return self._attributes(node)
+
+    def _refuse(self, reason: str, ctx: Optional[pyfuse3.RequestContext], path: str) -> FUSEError:
+        self.stats["refused"] += 1
+        pid = ctx.pid if ctx is not None else 0
+        uid = ctx.uid if ctx is not None else -1
+        log.warning("refused: %s: path=%s pid=%d uid=%d command=%s", reason, path, pid, uid, _command(pid))
+        return FUSEError(errno.EPERM)
+
+    def _child_path(self, parent: int, name: bytes) -> str:
+        base = self.store.path_of(parent).rstrip("/")
+        return f"{base}/{name.decode(errors='replace')}"
+
+    def _check_create(self, parent: int, name: bytes, is_dir: bool, ctx) -> None:
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
+        reason = layout.create_refusal(self.store.inode(parent).kind, is_dir)
+        if reason:
+            raise self._refuse(reason, ctx, self._child_path(parent, name))
+
+    def _check_schema(self, node: Inode, action: str, ctx, path: str) -> None:
+        reason = layout.schema_refusal(node.kind, action)
+        if reason:
+            raise self._refuse(reason, ctx, path)
+
+    def _release_if_unused(self, ino: int) -> None:
+        if self._lookups[ino] <= 0 and self._opens[ino] <= 0:
+            self._lookups.pop(ino, None)
+            self._opens.pop(ino, None)
+            try:
+                node = self.store.inode(ino)
+            except StoreError:
+                return
+            if node.nlink == 0:
+                self.store.remove_inode(ino)
+
+    # ---- names ---------------------------------------------------------------------------
+    @_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
+        ino = self.store.lookup(parent_inode, name)
+        if ino is None:
+            raise FUSEError(errno.ENOENT)
+        return self._entry(self.store.inode(ino))
+
+    @_errors
+    async def getattr(self, inode, ctx=None):
+        return self._attributes(self.store.inode(inode))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self._lookups[ino] -= count
+            self._release_if_unused(ino)
+
+    @_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        self._check_create(parent_inode, name, True, ctx)
+        node = self.store.make(parent_inode, name, stat.S_IFDIR | (mode & ~ctx.umask & 0o7777), ctx.uid, ctx.gid)
+        return self._entry(node)
+
+    @_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self._check_create(parent_inode, name, stat.S_ISDIR(mode), ctx)
+        node = self.store.make(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid, rdev=rdev)
+        return self._entry(node)
+
+    @_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        self._check_create(parent_inode, name, False, ctx)
+        node = self.store.make(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, target=target)
+        return self._entry(node)
+
+    @_errors
+    async def readlink(self, inode, ctx):
+        node = self.store.inode(inode)
+        if node.target is None:
+            raise FUSEError(errno.EINVAL)
+        return node.target
+
+    @_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._check_create(new_parent_inode, new_name, False, ctx)
+        return self._entry(self.store.link(inode, new_parent_inode, new_name))
+
+    @_errors
+    async def unlink(self, parent_inode, name, ctx):
+        await self._remove(parent_inode, name, ctx, want_dir=False)
+
+    @_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        await self._remove(parent_inode, name, ctx, want_dir=True)
+
+    async def _remove(self, parent: int, name: bytes, ctx, want_dir: bool) -> None:
+        ino = self.store.lookup(parent, name)
+        if ino is None:
+            raise FUSEError(errno.ENOENT)
+        self._check_schema(self.store.inode(ino), "removed", ctx, self._child_path(parent, name))
+        node = self.store.unlink(parent, name, want_dir=want_dir)
+        self._release_if_unused(node.id)
+
+    @_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if len(name_new) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
+        ino = self.store.lookup(parent_inode_old, name_old)
+        if ino is None:
+            raise FUSEError(errno.ENOENT)
+        node = self.store.inode(ino)
+        old_path = self._child_path(parent_inode_old, name_old)
+        self._check_schema(node, "renamed", ctx, old_path)
+        target_ino = self.store.lookup(parent_inode_new, name_new)
+        if target_ino is not None:
+            self._check_schema(self.store.inode(target_ino), "replaced", ctx, self._child_path(parent_inode_new, name_new))
+        exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        if parent_inode_new != parent_inode_old or exchange:
+            self._check_create(parent_inode_new, name_new, node.is_dir, ctx)
+            if exchange and target_ino is not None:
+                self._check_create(parent_inode_old, name_old, self.store.inode(target_ino).is_dir, ctx)
+        replaced = self.store.rename(parent_inode_old, name_old, parent_inode_new, name_new,
+                                     noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE), exchange=exchange)
+        if replaced is not None:
+            self._release_if_unused(replaced.id)
+
+    # ---- attributes ----------------------------------------------------------------------
+    @_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self.store.inode(inode)
+        changes: dict[str, int] = {}
+        if fields.update_mode:
+            self._check_schema(node, "re-moded", ctx, self.store.path_of(inode))
+            changes["mode"] = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid and attr.st_uid != node.uid:
+            self._check_schema(node, "re-owned", ctx, self.store.path_of(inode))
+            changes["uid"] = attr.st_uid
+        if fields.update_gid and attr.st_gid != node.gid:
+            self._check_schema(node, "re-owned", ctx, self.store.path_of(inode))
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_size:
+            if node.is_dir:
+                raise FUSEError(errno.EISDIR)
+            await self.store.truncate(inode, attr.st_size)
+        if changes or fields.update_ctime:
+            self.store.set_attrs(inode, **changes)
+        return self._attributes(self.store.inode(inode))
+
+    @_errors
+    async def getxattr(self, inode, name, ctx):
+        if inode == pyfuse3.ROOT_INODE and name == STATUS_XATTR:
+            return json.dumps(self.status()).encode()
+        if inode == pyfuse3.ROOT_INODE and name == PID_XATTR:
+            return str(os.getpid()).encode()
+        value = self.store.get_xattr(inode, name)
+        if value is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @_errors
+    async def setxattr(self, inode, name, value, ctx):
+        if name.startswith(XATTR_PREFIX):
+            raise self._refuse("tempfs attributes are read-only", ctx, self.store.path_of(inode))
+        if not name.startswith(b"user."):
+            raise FUSEError(errno.ENOTSUP)
+        self.store.set_xattr(inode, name, value)
+
+    @_errors
+    async def removexattr(self, inode, name, ctx):
+        if not self.store.remove_xattr(inode, name):
+            raise FUSEError(pyfuse3.ENOATTR)
+
+    @_errors
+    async def listxattr(self, inode, ctx):
+        return self.store.xattr_names(inode)
+
+    # ---- folders -------------------------------------------------------------------------
+    @_errors
+    async def opendir(self, inode, ctx):
+        if not self.store.inode(inode).is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_errors
+    async def readdir(self, fh, start_id, token):
+        after = start_id
+        while rows := self.store.children(fh, after):
+            for entry_id, name, ino in rows:
+                node = self.store.inode(ino)
+                if not pyfuse3.readdir_reply(token, name, self._attributes(node), entry_id):
+                    return
+                self._lookups[ino] += 1
+                after = entry_id
+
+    async def releasedir(self, fh):
+        pass
+
+    @_errors
+    async def fsyncdir(self, fh, datasync):
+        await self.store.commit()
+
+    # ---- files ---------------------------------------------------------------------------
+    @_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        self._check_create(parent_inode, name, False, ctx)
+        node = self.store.make(parent_inode, name, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), ctx.uid, ctx.gid)
+        self._opens[node.id] += 1
+        return pyfuse3.FileInfo(fh=node.id), self._entry(node)
+
+    @_errors
+    async def open(self, inode, flags, ctx):
+        node = self.store.inode(inode)
+        if node.is_dir:
+            raise FUSEError(errno.EISDIR)
+        self._opens[inode] += 1
+        return pyfuse3.FileInfo(fh=inode)
+
+    @_errors
+    async def read(self, fh, off, size):
+        return await self.store.read(fh, off, size)
+
+    @_errors
+    async def write(self, fh, off, buf):
+        await self.store.write(fh, off, buf)
+        return len(buf)
+
+    async def flush(self, fh):
+        pass
+
+    @_errors
+    async def fsync(self, fh, datasync):
+        await self.store.fsync(fh)
+
+    async def release(self, fh):
+        self._opens[fh] -= 1
+        self._release_if_unused(fh)
+
+    # ---- the filesystem ------------------------------------------------------------------
+    @_errors
+    async def statfs(self, ctx):
+        st = pyfuse3.StatvfsData()
+        under = os.statvfs(self.store.path)
+        block = self.store.blocks.block_size
+        used = self.store.stored_bytes()
+        free = max(0, min(self.capacity - used, under.f_bavail * under.f_frsize))
+        st.f_bsize = st.f_frsize = block
+        st.f_blocks = (used + free) // block
+        st.f_bfree = st.f_bavail = free // block
+        inodes = self.store.inode_count()
+        st.f_files = inodes + under.f_favail
+        st.f_ffree = st.f_favail = under.f_favail
+        st.f_namemax = NAME_MAX
+        return st
+
+    def status(self) -> dict:
+        """What `tempfs status` shows, read from the running daemon."""
+        usage = self.store.usage()
+        usage["daemon"] = {
+            "pid": os.getpid(), "version": __version__, "uptime_seconds": round(time.time() - self.started, 1),
+            "store": str(self.store.path), "dirty_bytes": self.store.blocks.dirty_bytes,
+            "refused": self.stats["refused"], "integrity_errors": self.stats["integrity_errors"],
+        }
+        return usage
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"

@@ -1,0 +1,111 @@
+"""The metadata database: one SQLite file in WAL mode holding inodes, names, block maps, objects
+and xattrs.
+
+Guarantees: changes are grouped into transactions that the caller commits (in batches, and at
+once on fsync); a commit is durable (synchronous=FULL) and atomic, so a crash leaves the tree as
+of the last commit; freed pages are overwritten (secure_delete), so destroyed object keys do not
+linger in the file.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB);
+CREATE TABLE inodes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0, nlink INTEGER NOT NULL DEFAULT 1, rdev INTEGER NOT NULL DEFAULT 0,
+    atime_ns INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+    kind INTEGER NOT NULL DEFAULT 0,      -- layout.Kind
+    area TEXT,                            -- top-level schema folder, NULL for the root
+    target BLOB                           -- symlink target
+);
+CREATE INDEX inodes_area ON inodes(area);
+CREATE TABLE entries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, -- stable readdir offset
+    parent INTEGER NOT NULL, name BLOB NOT NULL, inode INTEGER NOT NULL,
+    UNIQUE (parent, name)
+);
+CREATE INDEX entries_inode ON entries(inode);
+CREATE TABLE objects (
+    id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, refcount INTEGER NOT NULL,
+    plain_size INTEGER NOT NULL, stored_size INTEGER NOT NULL, wrapped_key BLOB NOT NULL
+);
+CREATE TABLE blocks (
+    inode INTEGER NOT NULL, blockno INTEGER NOT NULL, object INTEGER NOT NULL,
+    PRIMARY KEY (inode, blockno)
+) WITHOUT ROWID;
+CREATE INDEX blocks_object ON blocks(object);
+CREATE TABLE xattrs (
+    inode INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY (inode, name)
+) WITHOUT ROWID;
+"""
+
+
+class Database:
+    """A SQLite connection with batched commits and hooks that run after a commit lands."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn = sqlite3.connect(path, isolation_level="DEFERRED")
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA secure_delete=ON")
+        self.conn.execute("PRAGMA foreign_keys=OFF")
+        self.conn.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache
+        self._after_commit: list[Callable[[], None]] = []
+
+    @property
+    def is_new(self) -> bool:
+        row = self.conn.execute("SELECT name FROM sqlite_master WHERE name='meta'").fetchone()
+        return row is None
+
+    def create_schema(self) -> None:
+        self.conn.executescript(_SCHEMA)
+        self.set_meta("schema_version", SCHEMA_VERSION)
+        self.conn.commit()
+
+    def get_meta(self, key: str) -> Any:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def execute(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, tuple(args))
+
+    def one(self, sql: str, args: Iterable[Any] = ()) -> Optional[tuple]:
+        return self.conn.execute(sql, tuple(args)).fetchone()
+
+    def after_commit(self, hook: Callable[[], None]) -> None:
+        """Runs `hook` once the current transaction has committed (e.g. deleting object files
+        that the committed metadata no longer references)."""
+        self._after_commit.append(hook)
+
+    @property
+    def dirty(self) -> bool:
+        return self.conn.in_transaction or bool(self._after_commit)
+
+    def commit(self) -> None:
+        self.conn.commit()
+        hooks, self._after_commit = self._after_commit, []
+        for hook in hooks:
+            try:
+                hook()
+            except OSError as e:
+                log.warning("cleanup after commit failed: %s", e)
+
+    def close(self) -> None:
+        self.commit()
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.conn.close()

@@ -1,0 +1,86 @@
+"""Object files: one sealed block per file under STORE/objects/, sharded by id.
+
+Guarantees: an object file is created once and never rewritten (O_EXCL), so a committed
+reference can never point at a half-rewritten file; `sync()` makes every object written since
+the last sync durable, so the metadata committed after it never points at data a power cut lost.
+Reads are bounded in size, since every byte read back is untrusted.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+MAX_OBJECT_BYTES = 17 * 1024 * 1024
+
+
+class ObjectFiles:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._unsynced: set[int] = set()
+        self._lock = threading.Lock()  # writes run in worker threads
+
+    def path(self, object_id: int) -> Path:
+        name = f"{object_id:016x}"
+        return self.root / name[:2] / name[2:4] / name
+
+    def write(self, object_id: int, data: bytes) -> None:
+        path = self.path(object_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        with self._lock:
+            self._unsynced.add(object_id)
+
+    def read(self, object_id: int) -> bytes:
+        with open(self.path(object_id), "rb") as f:
+            data = f.read(MAX_OBJECT_BYTES + 1)
+        if len(data) > MAX_OBJECT_BYTES:
+            raise OSError(f"object {object_id:016x} is larger than any object tempfs writes")
+        return data
+
+    def remove(self, object_id: int) -> None:
+        with self._lock:
+            self._unsynced.discard(object_id)
+        self.path(object_id).unlink(missing_ok=True)
+
+    def sync(self) -> None:
+        """fsyncs every object (and its folder) written since the last sync."""
+        with self._lock:
+            pending, self._unsynced = self._unsynced, set()
+        folders = set()
+        for object_id in pending:
+            path = self.path(object_id)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # removed since: nothing references it any more
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            folders.update((path.parent, path.parent.parent))
+        for folder in folders:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def all_ids(self) -> set[int]:
+        """Every object id present on disk (for fsck and orphan cleanup)."""
+        ids = set()
+        for path in self.root.glob("??/??/*"):
+            try:
+                ids.add(int(path.name, 16))
+            except ValueError:
+                continue
+        return ids

@@ -1,0 +1,420 @@
+"""The store: a tree of inodes, names, xattrs and file content kept in one folder on disk.
+
+It knows POSIX semantics (errno, link counts, timestamps) but nothing of FUSE or of the
+layout's rules, which belong to the layer above. Every operation's metadata changes are made
+without an `await` in between, so a batched commit never catches half of one.
+
+Guarantees: the store holds no plaintext content (see codec); one daemon at a time (flock);
+a wrong key is detected before anything is read or written; `sync()` makes everything written
+so far durable.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import trio
+
+from ..codec import ContentCodec
+from ..layout import Kind
+from .blocks import BlockStore
+from .db import Database
+from .objects import ObjectFiles
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+BLOCK_SIZE = 128 * 1024
+COMMIT_INTERVAL = 1.0
+MAX_FILE_SIZE = 2**63 - 1
+
+
+class StoreError(Exception):
+    """An operation that POSIX refuses; `errno` says how."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message or os.strerror(code))
+        self.errno = code
+
+
+class StoreOpenError(Exception):
+    """The store cannot be opened; the message says why and what to do."""
+
+
+class StoreLockedError(StoreOpenError):
+    pass
+
+
+class WrongKeyError(StoreOpenError):
+    pass
+
+
+@dataclass(slots=True)
+class Inode:
+    id: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    nlink: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    kind: int
+    area: Optional[str]
+    target: Optional[bytes]
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+_S_IFMT = 0o170000  # the file-type bits of st_mode
+_INODE_COLUMNS = "id, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, target"
+_SETTABLE = {"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns"}
+
+
+class Store:
+    def __init__(self, path: Path, codec: ContentCodec, *, dirty_limit: int, cache_limit: int,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        """Opens (or creates) the store at `path`, locking it; raises StoreOpenError."""
+        self.path = path
+        self.clock = clock
+        is_new = not (path / "meta.sqlite").exists()
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = _lock(path / "lock")
+        try:
+            self.db = Database(path / "meta.sqlite")
+            self._check_key(codec, is_new)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self.objects = ObjectFiles(path / "objects")
+        self.blocks = BlockStore(self.db, self.objects, codec, BLOCK_SIZE, dirty_limit, cache_limit)
+        self._purge_unlinked()
+        self.db.commit()
+
+    def _check_key(self, codec: ContentCodec, is_new: bool) -> None:
+        if is_new or self.db.is_new:
+            self.db.create_schema()
+            self.db.set_meta("key_check", codec.key_check_value())
+            now = self.clock()
+            self.db.execute("INSERT INTO inodes(id, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns, kind) "
+                            "VALUES (?, ?, ?, ?, 2, ?, ?, ?, ?)",
+                            (ROOT_INODE, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), now, now, now, Kind.ROOT))
+            self.db.commit()
+        elif self.db.get_meta("key_check") != codec.key_check_value():
+            raise WrongKeyError(f"{self.path}: the key does not open this store (wrong key file?)")
+
+    def close(self) -> None:
+        self.objects.sync()
+        self.db.close()
+        os.close(self._lock_fd)
+
+    # ---- transactions --------------------------------------------------------------------
+    async def sync(self) -> None:
+        """Flushes all dirty data and makes every change so far durable."""
+        await self.blocks.flush_all()
+        await self.commit()
+
+    async def commit(self) -> None:
+        if self.db.dirty:
+            await trio.to_thread.run_sync(self.objects.sync)
+            self.db.commit()
+
+    async def run_committer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(COMMIT_INTERVAL)
+            await self.commit()
+
+    # ---- inodes and names ----------------------------------------------------------------
+    def inode(self, ino: int) -> Inode:
+        row = self.db.one(f"SELECT {_INODE_COLUMNS} FROM inodes WHERE id=?", (ino,))
+        if row is None:
+            raise StoreError(errno.ENOENT)
+        return Inode(*row)
+
+    def lookup(self, parent: int, name: bytes) -> Optional[int]:
+        row = self.db.one("SELECT inode FROM entries WHERE parent=? AND name=?", (parent, name))
+        return None if row is None else row[0]
+
+    def children(self, parent: int, after: int = 0, limit: int = 1000) -> list[tuple[int, bytes, int]]:
+        """(entry id, name, inode) of a folder's entries past readdir offset `after`."""
+        return self.db.execute("SELECT id, name, inode FROM entries WHERE parent=? AND id>? ORDER BY id LIMIT ?",
+                               (parent, after, limit)).fetchall()
+
+    def path_of(self, ino: int) -> str:
+        """One path of an inode below the root, for messages."""
+        parts: list[str] = []
+        while ino != ROOT_INODE and len(parts) < 4096:
+            row = self.db.one("SELECT parent, name FROM entries WHERE inode=? LIMIT 1", (ino,))
+            if row is None:
+                parts.append("<unlinked>")
+                break
+            ino = row[0]
+            parts.append(row[1].decode(errors="replace"))
+        return "/" + "/".join(reversed(parts))
+
+    def make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *,
+             rdev: int = 0, target: Optional[bytes] = None, kind: int = Kind.FREE) -> Inode:
+        """Creates a new inode named `name` in folder `parent`."""
+        folder = self._folder(parent)
+        if self.lookup(parent, name) is not None:
+            raise StoreError(errno.EEXIST)
+        now = self.clock()
+        is_dir = stat.S_ISDIR(mode)
+        area = folder.area if folder.area is not None else name.decode(errors="surrogateescape")
+        size = len(target) if target is not None else 0
+        cur = self.db.execute(
+            "INSERT INTO inodes(mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, target) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (mode, uid, gid, size, 2 if is_dir else 1, rdev, now, now, now, kind, area, target))
+        self._add_entry(parent, name, cur.lastrowid, now, dir_delta=int(is_dir))
+        return self.inode(cur.lastrowid)
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        node = self.inode(ino)
+        folder = self._folder(parent)
+        if node.is_dir:
+            raise StoreError(errno.EPERM)
+        if node.area != folder.area:
+            raise StoreError(errno.EXDEV, "hard links cannot cross areas")
+        if self.lookup(parent, name) is not None:
+            raise StoreError(errno.EEXIST)
+        now = self.clock()
+        self.db.execute("UPDATE inodes SET nlink=nlink+1, ctime_ns=? WHERE id=?", (now, ino))
+        self._add_entry(parent, name, ino, now, dir_delta=0)
+        return self.inode(ino)
+
+    def unlink(self, parent: int, name: bytes, *, want_dir: bool) -> Inode:
+        """Removes a name (rmdir when `want_dir`); returns the inode with its new link count."""
+        ino = self.lookup(parent, name)
+        if ino is None:
+            raise StoreError(errno.ENOENT)
+        node = self.inode(ino)
+        if want_dir and not node.is_dir:
+            raise StoreError(errno.ENOTDIR)
+        if not want_dir and node.is_dir:
+            raise StoreError(errno.EISDIR)
+        if node.is_dir and self.children(ino, limit=1):
+            raise StoreError(errno.ENOTEMPTY)
+        now = self.clock()
+        self._remove_entry(parent, name, node, now)
+        return self.inode(ino)
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, *,
+               noreplace: bool = False, exchange: bool = False) -> Optional[Inode]:
+        """Moves a name; returns the inode it replaced (with its new link count), if any."""
+        ino = self.lookup(old_parent, old_name)
+        if ino is None:
+            raise StoreError(errno.ENOENT)
+        node = self.inode(ino)
+        target_ino = self.lookup(new_parent, new_name)
+        if target_ino == ino:
+            return None
+        if exchange:
+            return self._exchange(old_parent, old_name, node, new_parent, new_name, target_ino)
+        if target_ino is not None and noreplace:
+            raise StoreError(errno.EEXIST)
+        now = self.clock()
+        replaced = None
+        if target_ino is not None:
+            target = self.inode(target_ino)
+            self._check_replace(node, target)
+            self._remove_entry(new_parent, new_name, target, now)
+            replaced = self.inode(target_ino)
+        self.db.execute("UPDATE entries SET parent=?, name=? WHERE parent=? AND name=?",
+                        (new_parent, new_name, old_parent, old_name))
+        self._moved(node, old_parent, new_parent, now)
+        return replaced
+
+    def _exchange(self, old_parent: int, old_name: bytes, node: Inode, new_parent: int, new_name: bytes,
+                  target_ino: Optional[int]) -> None:
+        if target_ino is None:
+            raise StoreError(errno.ENOENT)
+        target = self.inode(target_ino)
+        now = self.clock()
+        self.db.execute("UPDATE entries SET inode=? WHERE parent=? AND name=?", (target_ino, old_parent, old_name))
+        self.db.execute("UPDATE entries SET inode=? WHERE parent=? AND name=?", (node.id, new_parent, new_name))
+        self._moved(node, old_parent, new_parent, now)
+        self._moved(target, new_parent, old_parent, now)
+        return None
+
+    def _check_replace(self, node: Inode, target: Inode) -> None:
+        if target.is_dir and not node.is_dir:
+            raise StoreError(errno.EISDIR)
+        if node.is_dir and not target.is_dir:
+            raise StoreError(errno.ENOTDIR)
+        if target.is_dir and self.children(target.id, limit=1):
+            raise StoreError(errno.ENOTEMPTY)
+
+    def _moved(self, node: Inode, old_parent: int, new_parent: int, now: int) -> None:
+        self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, node.id))
+        delta = 1 if node.is_dir and old_parent != new_parent else 0
+        self._touch_folder(old_parent, now, -delta)
+        self._touch_folder(new_parent, now, delta)
+        area = self._folder(new_parent).area
+        if area is not None and area != node.area:
+            self._set_area(node.id, area)
+
+    def _set_area(self, ino: int, area: str) -> None:
+        self.db.execute(
+            "WITH RECURSIVE sub(id) AS (SELECT ? UNION SELECT e.inode FROM entries e JOIN sub ON e.parent = sub.id) "
+            "UPDATE inodes SET area=? WHERE id IN (SELECT id FROM sub)", (ino, area))
+
+    def _folder(self, ino: int) -> Inode:
+        folder = self.inode(ino)
+        if not folder.is_dir:
+            raise StoreError(errno.ENOTDIR)
+        return folder
+
+    def _add_entry(self, parent: int, name: bytes, ino: int, now: int, dir_delta: int) -> None:
+        self.db.execute("INSERT INTO entries(parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino))
+        self._touch_folder(parent, now, dir_delta)
+
+    def _remove_entry(self, parent: int, name: bytes, node: Inode, now: int) -> None:
+        self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, name))
+        nlink = 0 if node.is_dir else node.nlink - 1
+        self.db.execute("UPDATE inodes SET nlink=?, ctime_ns=? WHERE id=?", (nlink, now, node.id))
+        self._touch_folder(parent, now, -int(node.is_dir))
+
+    def _touch_folder(self, ino: int, now: int, nlink_delta: int) -> None:
+        self.db.execute("UPDATE inodes SET nlink=nlink+?, mtime_ns=?, ctime_ns=? WHERE id=?",
+                        (nlink_delta, now, now, ino))
+
+    def remove_inode(self, ino: int) -> None:
+        """Destroys an inode that has no name left and no user: its content, xattrs and row."""
+        self.blocks.drop_after(ino, 0)
+        self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
+        self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+
+    def _purge_unlinked(self) -> None:
+        """At open, no kernel holds a reference any more: inodes without a name can go."""
+        for (ino,) in self.db.execute("SELECT id FROM inodes WHERE nlink=0").fetchall():
+            self.remove_inode(ino)
+
+    # ---- attributes ----------------------------------------------------------------------
+    def set_attrs(self, ino: int, **fields: int) -> None:
+        """Sets attribute columns (mode, uid, gid, atime_ns, mtime_ns, ctime_ns); ctime follows."""
+        unknown = set(fields) - _SETTABLE
+        if unknown:
+            raise ValueError(f"cannot set {unknown}")
+        fields.setdefault("ctime_ns", self.clock())
+        assignments = ", ".join(f"{name}=?" for name in fields)
+        self.db.execute(f"UPDATE inodes SET {assignments} WHERE id=?", (*fields.values(), ino))
+
+    def get_xattr(self, ino: int, name: bytes) -> Optional[bytes]:
+        row = self.db.one("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name))
+        return None if row is None else row[0]
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self.db.execute("INSERT OR REPLACE INTO xattrs(inode, name, value) VALUES (?, ?, ?)", (ino, name, value))
+        self.set_attrs(ino)
+
+    def remove_xattr(self, ino: int, name: bytes) -> bool:
+        removed = self.db.execute("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)).rowcount > 0
+        if removed:
+            self.set_attrs(ino)
+        return removed
+
+    def xattr_names(self, ino: int) -> list[bytes]:
+        return [r[0] for r in self.db.execute("SELECT name FROM xattrs WHERE inode=?", (ino,))]
+
+    # ---- content -------------------------------------------------------------------------
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        return await self.blocks.read(ino, offset, size, self.inode(ino).size)
+
+    async def write(self, ino: int, offset: int, data: bytes) -> None:
+        if offset + len(data) > MAX_FILE_SIZE:
+            raise StoreError(errno.EFBIG)
+        old_size = self.inode(ino).size
+        if offset > old_size:
+            await self.blocks.cut_tail(ino, old_size)
+        await self.blocks.write(ino, offset, data)
+        now = self.clock()
+        self.db.execute("UPDATE inodes SET size=max(size, ?), mtime_ns=?, ctime_ns=? WHERE id=?",
+                        (offset + len(data), now, now, ino))
+
+    async def truncate(self, ino: int, size: int) -> None:
+        if size > MAX_FILE_SIZE:
+            raise StoreError(errno.EFBIG)
+        old_size = self.inode(ino).size
+        await self.blocks.cut_tail(ino, min(size, old_size))
+        self.blocks.drop_after(ino, size)
+        now = self.clock()
+        self.db.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?", (size, now, now, ino))
+
+    async def fsync(self, ino: int) -> None:
+        await self.blocks.flush_inode(ino)
+        await self.commit()
+
+    # ---- accounting ----------------------------------------------------------------------
+    def usage(self) -> dict:
+        """Per area: files, logical bytes, stored bytes (objects shared by areas count in each);
+        total: stored bytes once per object, as on disk."""
+        areas = {}
+        for area, files, logical in self.db.execute(
+                "SELECT area, COUNT(*), COALESCE(SUM(size), 0) FROM inodes "
+                "WHERE kind=? AND area IS NOT NULL AND (mode & ?) != ? GROUP BY area",
+                (Kind.FREE, _S_IFMT, stat.S_IFDIR)):
+            areas[area] = {"files": files, "logical_bytes": logical, "stored_bytes": 0}
+        for area, stored in self.db.execute(
+                "SELECT area, SUM(stored_size) FROM (SELECT DISTINCT i.area AS area, o.id, o.stored_size "
+                "FROM blocks b JOIN inodes i ON i.id = b.inode JOIN objects o ON o.id = b.object) GROUP BY area"):
+            areas.setdefault(area, {"files": 0, "logical_bytes": 0, "stored_bytes": 0})["stored_bytes"] = stored
+        files, logical = self.db.one("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM inodes "
+                                     "WHERE kind=? AND (mode & ?) != ?", (Kind.FREE, _S_IFMT, stat.S_IFDIR))
+        stored, objects = self.db.one("SELECT COALESCE(SUM(stored_size), 0), COUNT(*) FROM objects")
+        total = {"files": files, "logical_bytes": logical, "stored_bytes": stored, "objects": objects}
+        return {"areas": areas, "total": total}
+
+    def inode_count(self) -> int:
+        return self.db.one("SELECT COUNT(*) FROM inodes")[0]
+
+    def stored_bytes(self) -> int:
+        return self.db.one("SELECT COALESCE(SUM(stored_size), 0) FROM objects")[0]
+
+    def ensure_folder(self, path: str, kind: int, mode: int, uid: int, gid: int) -> int:
+        """Makes sure a schema folder exists with `kind` and returns its inode."""
+        parent = ROOT_INODE
+        parts = path.split("/")
+        for i, part in enumerate(parts):
+            name = part.encode()
+            ino = self.lookup(parent, name)
+            if ino is None:
+                ino = self.make(parent, name, stat.S_IFDIR | mode, uid, gid).id
+            elif not self.inode(ino).is_dir:
+                raise StoreOpenError(f"{path}: the store has a non-folder where the config declares a schema folder")
+            parent = ino
+        self.db.execute("UPDATE inodes SET kind=? WHERE id=?", (kind, parent))
+        return parent
+
+    def unmark_schema(self, keep: Iterable[int]) -> list[str]:
+        """Turns schema folders that the config no longer declares into ordinary folders."""
+        keep = set(keep) | {ROOT_INODE}
+        gone = [ino for (ino,) in self.db.execute("SELECT id FROM inodes WHERE kind != ?", (Kind.FREE,))
+                if ino not in keep]
+        paths = [self.path_of(ino) for ino in gone]
+        for ino in gone:
+            self.db.execute("UPDATE inodes SET kind=? WHERE id=?", (Kind.FREE, ino))
+        return paths
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreLockedError(f"{path.parent}: the store is in use by another tempfs daemon "
+                               "(unmount it first: tempfs umount MOUNTPOINT)") from None
+    return fd
