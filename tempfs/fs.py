@@ -286,7 +286,7 @@ class TempFS(pyfuse3.Operations):
 
     @_errors
     async def fsyncdir(self, fh, datasync):
-        await self.store.commit()
+        await self.store.commit(durable=True)
 
     # ---- files ---------------------------------------------------------------------------
     @_errors

@@ -41,11 +41,11 @@ class ObjectFiles:
             self._unsynced.add(object_id)
 
     def read(self, object_id: int) -> bytes:
-        with open(self.path(object_id), "rb") as f:
-            data = f.read(MAX_OBJECT_BYTES + 1)
-        if len(data) > MAX_OBJECT_BYTES:
-            raise OSError(f"object {object_id:016x} is larger than any object tempfs writes")
-        return data
+        with open(self.path(object_id), "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_OBJECT_BYTES:
+                raise OSError(f"object {object_id:016x} is larger than any object tempfs writes")
+            return f.read(size)
 
     def remove(self, object_id: int) -> None:
         with self._lock:

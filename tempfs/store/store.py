@@ -123,18 +123,22 @@ class Store:
     async def sync(self) -> None:
         """Flushes all dirty data and makes every change so far durable."""
         await self.blocks.flush_all()
-        await self.commit()
+        await self.commit(durable=True)
 
-    async def commit(self) -> None:
-        if self.db.dirty:
+    async def commit(self, durable: bool = False) -> None:
+        """Commits the metadata changes so far; `durable` makes them, and every object they
+        reference, survive a power cut (objects first, so metadata never points at lost data)."""
+        if durable:
             await trio.to_thread.run_sync(self.objects.sync)
-            self.db.commit()
+        if durable or self.db.dirty:
+            self.db.commit(durable)
 
     async def run_committer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             await trio.sleep(COMMIT_INTERVAL)
-            await self.commit()
+            if self.db.dirty:
+                await self.commit()
 
     # ---- inodes and names ----------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
@@ -355,7 +359,7 @@ class Store:
 
     async def fsync(self, ino: int) -> None:
         await self.blocks.flush_inode(ino)
-        await self.commit()
+        await self.commit(durable=True)
 
     # ---- accounting ----------------------------------------------------------------------
     def usage(self) -> dict:
