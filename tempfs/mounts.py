@@ -45,7 +45,7 @@ def is_stale(path: Path) -> bool:
     if find_mount(path) is None:
         return False
     try:
-        os.stat(path)
+        os.statvfs(path)  # always asks the daemon; stat() may answer from the kernel's cache
     except OSError as e:
         return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False

@@ -172,9 +172,10 @@ class BlockStore:
                 self._flush_wanted.set()
                 await self._room_lot.park()
                 continue
+            mapped = self._mapped(inode, blockno)
             base = b"" if whole else (await self._blocks(inode, range(blockno, blockno + 1)))[0]
-            if key in self.dirty:
-                continue  # another writer made it while we read
+            if key in self.dirty or self._mapped(inode, blockno) != mapped:
+                continue  # written, flushed or truncated while we read: the base is stale
             block = DirtyBlock(bytearray(base))
             self.dirty[key] = block
             self.dirty_bytes += self.block_size
@@ -326,6 +327,7 @@ class BlockStore:
         row = self.db.one("SELECT refcount FROM objects WHERE id=?", (object_id,))
         if row is not None and row[0] <= 0:
             self.db.execute("DELETE FROM objects WHERE id=?", (object_id,))
+            self.db.shred_after_commit()
             self._forget_object(object_id)
             self.db.after_commit(lambda: self.objects.remove(object_id))
 

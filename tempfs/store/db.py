@@ -66,6 +66,7 @@ class Database:
         self.conn.execute("PRAGMA foreign_keys=OFF")
         self.conn.execute("PRAGMA cache_size=-16384")  # 16 MiB page cache
         self._after_commit: list[Callable[[], None]] = []
+        self._shred = False
 
     @property
     def is_new(self) -> bool:
@@ -73,9 +74,9 @@ class Database:
         return row is None
 
     def create_schema(self) -> None:
-        self.conn.executescript(_SCHEMA)
+        """Creates the tables in a transaction left open for the caller to fill and commit."""
+        self.conn.executescript("BEGIN;" + _SCHEMA)
         self.set_meta("schema_version", SCHEMA_VERSION)
-        self.conn.commit()
 
     def get_meta(self, key: str) -> Any:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -90,6 +91,12 @@ class Database:
     def one(self, sql: str, args: Iterable[Any] = ()) -> Optional[tuple]:
         return self.conn.execute(sql, tuple(args)).fetchone()
 
+    def shred_after_commit(self) -> None:
+        """Secrets were deleted: after the commit, checkpoint and truncate the WAL so that the
+        older page images that still hold them do not outlive it (secure_delete only zeroes
+        the pages of the main file)."""
+        self._shred = True
+
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Runs `hook` once the current transaction has committed (e.g. deleting object files
         that the committed metadata no longer references)."""
@@ -101,6 +108,9 @@ class Database:
 
     def commit(self, durable: bool = False) -> None:
         self.conn.commit()
+        if self._shred:
+            self._shred = False
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         if durable:
             self._fsync(Path(str(self.path) + "-wal"))
         hooks, self._after_commit = self._after_commit, []

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import logging
 import os
+import sqlite3
 import stat
 import time
 from dataclasses import dataclass
@@ -88,12 +89,15 @@ class Store:
         """Opens (or creates) the store at `path`, locking it; raises StoreOpenError."""
         self.path = path
         self.clock = clock
-        is_new = not (path / "meta.sqlite").exists()
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = _lock(path / "lock")
         try:
             self.db = Database(path / "meta.sqlite")
-            self._check_key(codec, is_new)
+            self._check_key(codec)
+        except sqlite3.DatabaseError as e:
+            os.close(self._lock_fd)
+            raise StoreOpenError(f"{path / 'meta.sqlite'}: the metadata database is unreadable ({e}); "
+                                 "run tempfs fsck, or move the store away to start afresh") from None
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -102,15 +106,15 @@ class Store:
         self._purge_unlinked()
         self.db.commit()
 
-    def _check_key(self, codec: ContentCodec, is_new: bool) -> None:
-        if is_new or self.db.is_new:
-            self.db.create_schema()
+    def _check_key(self, codec: ContentCodec) -> None:
+        if self.db.is_new:
+            self.db.create_schema()  # one transaction with what follows: a crash leaves no half store
             self.db.set_meta("key_check", codec.key_check_value())
             now = self.clock()
             self.db.execute("INSERT INTO inodes(id, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns, kind) "
                             "VALUES (?, ?, ?, ?, 2, ?, ?, ?, ?)",
                             (ROOT_INODE, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), now, now, now, Kind.ROOT))
-            self.db.commit()
+            self.db.commit(durable=True)
         elif self.db.get_meta("key_check") != codec.key_check_value():
             raise WrongKeyError(f"{self.path}: the key does not open this store (wrong key file?)")
 
@@ -338,6 +342,8 @@ class Store:
         return await self.blocks.read(ino, offset, size, self.inode(ino).size)
 
     async def write(self, ino: int, offset: int, data: bytes) -> None:
+        if not data:
+            return
         if offset + len(data) > MAX_FILE_SIZE:
             raise StoreError(errno.EFBIG)
         old_size = self.inode(ino).size
@@ -365,7 +371,8 @@ class Store:
     def usage(self) -> dict:
         """Per area: files, logical bytes, stored bytes (objects shared by areas count in each);
         total: stored bytes once per object, as on disk."""
-        areas = {}
+        areas = {name.decode(errors="surrogateescape"): {"files": 0, "logical_bytes": 0, "stored_bytes": 0}
+                 for (name,) in self.db.execute("SELECT name FROM entries WHERE parent=?", (ROOT_INODE,))}
         for area, files, logical in self.db.execute(
                 "SELECT area, COUNT(*), COALESCE(SUM(size), 0) FROM inodes "
                 "WHERE kind=? AND area IS NOT NULL AND (mode & ?) != ? GROUP BY area",

@@ -1,0 +1,1096 @@
+"""Unit tests of tempfs.store without a FUSE mount: real SQLite, real object files, real codec.
+
+Async store methods are driven with trio.run; time comes from a fake clock the test controls.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import random
+import stat
+import time
+
+import pytest
+import trio
+
+from tempfs.codec import MASTER_KEY_BYTES, ContentCodec
+from tempfs.layout import Kind
+from tempfs.store import (ROOT_INODE, BlockReadError, Store, StoreError, StoreLockedError,
+                          StoreOpenError, WrongKeyError)
+from tempfs.store.store import BLOCK_SIZE, MAX_FILE_SIZE
+
+KiB = 1024
+MiB = 1024 * 1024
+BIG = 64 * MiB
+UID, GID = os.getuid(), os.getgid()
+FILE = stat.S_IFREG | 0o644
+DIR = stat.S_IFDIR | 0o755
+LINK = stat.S_IFLNK | 0o777
+MARKER = b"STORE-PLAINTEXT-MARKER-51c2e8"
+
+assert BLOCK_SIZE == 128 * KiB
+
+
+class FakeClock:
+    def __init__(self, start: int = 1_700_000_000_000_000_000) -> None:
+        self.now = start
+
+    def __call__(self) -> int:
+        return self.now
+
+    def tick(self, ns: int = 1_000_000) -> int:
+        self.now += ns
+        return self.now
+
+
+def trio_test(fn):
+    """Runs an async test function under trio.run with a deadline."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        async def main():
+            with trio.fail_after(20):
+                await fn(*args, **kwargs)
+        trio.run(main)
+    return wrapper
+
+
+def run(async_fn, *args):
+    async def main():
+        with trio.fail_after(20):
+            return await async_fn(*args)
+    return trio.run(main)
+
+
+class Opener:
+    """Opens stores on paths below tmp_path and closes whatever is still open at teardown."""
+
+    def __init__(self, tmp_path, clock):
+        self.tmp_path = tmp_path
+        self.clock = clock
+        self.key = os.urandom(MASTER_KEY_BYTES)
+        self.path = tmp_path / "store"
+        self.open_stores: list[Store] = []
+
+    def __call__(self, path=None, key=None, *, dirty_limit=BIG, cache_limit=BIG, clock=None) -> Store:
+        store = Store(path or self.path, ContentCodec(key or self.key), dirty_limit=dirty_limit,
+                      cache_limit=cache_limit, clock=clock or self.clock)
+        self.open_stores.append(store)
+        return store
+
+    def close(self, store: Store) -> None:
+        store.close()
+        self.open_stores.remove(store)
+
+    def teardown(self):
+        for store in self.open_stores:
+            try:
+                store.close()
+            except Exception:
+                pass
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def opener(tmp_path, clock):
+    o = Opener(tmp_path, clock)
+    yield o
+    o.teardown()
+
+
+@pytest.fixture
+def store(opener) -> Store:
+    return opener()
+
+
+def leaf(store: Store, path: str = "processing/face_recognition/frames") -> int:
+    """Makes the schema folders down to a leaf (kinds as the layout gives them)."""
+    parts = path.split("/")
+    for i in range(1, len(parts)):
+        store.ensure_folder("/".join(parts[:i]), Kind.BRANCH, 0o755, UID, GID)
+    return store.ensure_folder(path, Kind.LEAF, 0o755, UID, GID)
+
+
+def new_file(store: Store, parent: int, name: bytes) -> int:
+    return store.make(parent, name, FILE, UID, GID).id
+
+
+def objects_rows(store: Store) -> int:
+    return store.db.one("SELECT COUNT(*) FROM objects")[0]
+
+
+def object_ids(store: Store) -> set[int]:
+    return {r[0] for r in store.db.execute("SELECT id FROM objects")}
+
+
+def object_files(store: Store) -> set[int]:
+    return store.objects.all_ids()
+
+
+def errno_of(excinfo) -> int:
+    return excinfo.value.errno
+
+
+def compressible(n: int, seed: int = 0) -> bytes:
+    line = MARKER + b" seed %d row %%08d frame features 0.125 0.250 0.500\n" % seed
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += line % i
+        i += 1
+    return bytes(out[:n])
+
+
+# ---- the tree ---------------------------------------------------------------------------
+
+def test_new_store_has_root(store, clock):
+    root = store.inode(ROOT_INODE)
+    assert root.is_dir and root.nlink == 2 and root.kind == Kind.ROOT
+    assert root.atime_ns == root.mtime_ns == root.ctime_ns == clock.now
+    assert store.children(ROOT_INODE) == []
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o700
+
+
+def test_make_lookup_children(store, clock):
+    t0 = clock.now
+    clock.tick()
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    assert d.is_dir and d.nlink == 2 and d.area == "area" and d.kind == Kind.FREE
+    assert d.atime_ns == d.mtime_ns == d.ctime_ns == clock.now
+    root = store.inode(ROOT_INODE)
+    assert root.nlink == 3 and root.mtime_ns == root.ctime_ns == clock.now and root.atime_ns == t0
+
+    clock.tick()
+    f = store.make(d.id, b"a.bin", FILE, 1234, 5678)
+    assert not f.is_dir and f.nlink == 1 and f.size == 0 and f.area == "area"
+    assert (f.uid, f.gid, f.mode) == (1234, 5678, FILE)
+    assert f.ctime_ns == clock.now
+    assert store.inode(d.id).nlink == 2  # a file does not add a link to its folder
+    assert store.inode(d.id).mtime_ns == clock.now
+
+    s = store.make(d.id, b"ln", LINK, UID, GID, target=b"a.bin")
+    assert s.target == b"a.bin" and s.size == 5
+    sub = store.make(d.id, b"sub", DIR, UID, GID)
+    assert store.inode(d.id).nlink == 3
+
+    assert store.lookup(d.id, b"a.bin") == f.id
+    assert store.lookup(d.id, b"nope") is None
+    assert store.lookup(ROOT_INODE, b"a.bin") is None
+    names = [(name, ino) for _, name, ino in store.children(d.id)]
+    assert names == [(b"a.bin", f.id), (b"ln", s.id), (b"sub", sub.id)]
+    # readdir offsets: entry ids continue where the last page stopped
+    first = store.children(d.id, limit=2)
+    assert [n for _, n, _ in first] == [b"a.bin", b"ln"]
+    rest = store.children(d.id, after=first[-1][0])
+    assert [n for _, n, _ in rest] == [b"sub"]
+    assert store.path_of(sub.id) == "/area/sub"
+
+
+def test_make_refusals(store):
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    f = new_file(store, d.id, b"f")
+    with pytest.raises(StoreError) as e:
+        store.make(d.id, b"f", FILE, UID, GID)
+    assert errno_of(e) == errno.EEXIST
+    with pytest.raises(StoreError) as e:
+        store.make(d.id, b"f", DIR, UID, GID)
+    assert errno_of(e) == errno.EEXIST
+    with pytest.raises(StoreError) as e:
+        store.make(f, b"x", FILE, UID, GID)
+    assert errno_of(e) == errno.ENOTDIR
+    with pytest.raises(StoreError) as e:
+        store.make(999999, b"x", FILE, UID, GID)
+    assert errno_of(e) == errno.ENOENT
+    with pytest.raises(StoreError) as e:
+        store.inode(999999)
+    assert errno_of(e) == errno.ENOENT
+
+
+def test_names_are_bytes_not_text(store):
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    odd = b"caf\xe9 \xff\xfe.jpg"
+    ino = new_file(store, d.id, odd)
+    assert store.lookup(d.id, odd) == ino
+    assert store.lookup(d.id, b"CAF\xe9 \xff\xfe.jpg") is None
+    assert [n for _, n, _ in store.children(d.id)] == [odd]
+
+
+def test_link_and_unlink_counts(store, clock):
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    sub = store.make(d.id, b"sub", DIR, UID, GID)
+    f = new_file(store, d.id, b"f")
+    clock.tick()
+    node = store.link(f, sub.id, b"g")
+    assert node.nlink == 2 and node.ctime_ns == clock.now
+    assert store.lookup(sub.id, b"g") == f
+    assert store.inode(sub.id).nlink == 2
+    assert store.inode(sub.id).mtime_ns == clock.now
+
+    with pytest.raises(StoreError) as e:
+        store.link(f, sub.id, b"g")
+    assert errno_of(e) == errno.EEXIST
+    with pytest.raises(StoreError) as e:
+        store.link(sub.id, d.id, b"dirlink")
+    assert errno_of(e) == errno.EPERM
+    other = store.make(ROOT_INODE, b"other", DIR, UID, GID)
+    with pytest.raises(StoreError) as e:
+        store.link(f, other.id, b"x")
+    assert errno_of(e) == errno.EXDEV
+    with pytest.raises(StoreError) as e:
+        store.link(f, f, b"x")
+    assert errno_of(e) == errno.ENOTDIR
+
+    clock.tick()
+    node = store.unlink(d.id, b"f", want_dir=False)
+    assert node.id == f and node.nlink == 1 and node.ctime_ns == clock.now
+    assert store.lookup(d.id, b"f") is None
+    node = store.unlink(sub.id, b"g", want_dir=False)
+    assert node.nlink == 0
+    # the inode row stays until the layer above says nobody holds it any more
+    assert store.inode(f).nlink == 0
+    store.remove_inode(f)
+    with pytest.raises(StoreError):
+        store.inode(f)
+
+
+def test_unlink_refusals(store):
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    sub = store.make(d.id, b"sub", DIR, UID, GID)
+    new_file(store, d.id, b"f")
+    new_file(store, sub.id, b"inner")
+    for name, want_dir, code in [(b"missing", False, errno.ENOENT), (b"missing", True, errno.ENOENT),
+                                 (b"f", True, errno.ENOTDIR), (b"sub", False, errno.EISDIR),
+                                 (b"sub", True, errno.ENOTEMPTY)]:
+        with pytest.raises(StoreError) as e:
+            store.unlink(d.id, name, want_dir=want_dir)
+        assert errno_of(e) == code, name
+    assert store.inode(d.id).nlink == 3
+    store.unlink(sub.id, b"inner", want_dir=False)
+    node = store.unlink(d.id, b"sub", want_dir=True)
+    assert node.nlink == 0
+    assert store.inode(d.id).nlink == 2
+    assert store.lookup(d.id, b"sub") is None
+
+
+def test_rename_within_and_across_folders(store, clock):
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    a = store.make(d.id, b"a", DIR, UID, GID)
+    b = store.make(d.id, b"b", DIR, UID, GID)
+    f = new_file(store, a.id, b"f")
+    moved_dir = store.make(a.id, b"sub", DIR, UID, GID)
+    assert store.inode(a.id).nlink == 3 and store.inode(b.id).nlink == 2
+
+    clock.tick()
+    assert store.rename(a.id, b"f", a.id, b"g") is None
+    assert store.lookup(a.id, b"f") is None and store.lookup(a.id, b"g") == f
+    assert store.inode(f).ctime_ns == clock.now and store.inode(f).nlink == 1
+    assert store.inode(a.id).mtime_ns == clock.now
+
+    clock.tick()
+    assert store.rename(a.id, b"g", b.id, b"g") is None
+    assert store.lookup(b.id, b"g") == f
+    assert store.inode(a.id).mtime_ns == store.inode(b.id).mtime_ns == clock.now
+
+    # a folder moving between parents moves its ".." link
+    store.rename(a.id, b"sub", b.id, b"sub2")
+    assert store.inode(a.id).nlink == 2 and store.inode(b.id).nlink == 3
+    assert store.inode(moved_dir.id).nlink == 2
+    store.rename(b.id, b"sub2", b.id, b"sub3")
+    assert store.inode(b.id).nlink == 3
+
+    with pytest.raises(StoreError) as e:
+        store.rename(a.id, b"missing", b.id, b"x")
+    assert errno_of(e) == errno.ENOENT
+
+
+def test_rename_replace_file(store, clock):
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    src = new_file(store, d.id, b"src")
+    dst = new_file(store, d.id, b"dst")
+    clock.tick()
+    replaced = store.rename(d.id, b"src", d.id, b"dst")
+    assert replaced is not None and replaced.id == dst and replaced.nlink == 0
+    assert replaced.ctime_ns == clock.now
+    assert store.lookup(d.id, b"dst") == src and store.lookup(d.id, b"src") is None
+    assert [n for _, n, _ in store.children(d.id)] == [b"dst"]
+
+
+def test_rename_replace_hard_linked_file(store):
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    src = new_file(store, d.id, b"src")
+    dst = new_file(store, d.id, b"dst")
+    store.link(dst, d.id, b"dst-link")
+    replaced = store.rename(d.id, b"src", d.id, b"dst")
+    assert replaced.id == dst and replaced.nlink == 1
+    assert store.lookup(d.id, b"dst-link") == dst
+    assert store.lookup(d.id, b"dst") == src
+
+
+def test_rename_onto_own_hard_link_is_a_no_op(store):
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    f = new_file(store, d.id, b"a")
+    store.link(f, d.id, b"b")
+    assert store.rename(d.id, b"a", d.id, b"b") is None
+    assert store.lookup(d.id, b"a") == f and store.lookup(d.id, b"b") == f
+    assert store.inode(f).nlink == 2
+
+
+def test_rename_noreplace(store):
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    a = new_file(store, d.id, b"a")
+    b = new_file(store, d.id, b"b")
+    with pytest.raises(StoreError) as e:
+        store.rename(d.id, b"a", d.id, b"b", noreplace=True)
+    assert errno_of(e) == errno.EEXIST
+    assert store.lookup(d.id, b"a") == a and store.lookup(d.id, b"b") == b
+    assert store.rename(d.id, b"a", d.id, b"c", noreplace=True) is None
+    assert store.lookup(d.id, b"c") == a
+
+
+def test_rename_exchange(store, clock):
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    p1 = store.make(d.id, b"p1", DIR, UID, GID)
+    p2 = store.make(d.id, b"p2", DIR, UID, GID)
+    f = new_file(store, p1.id, b"x")
+    sub = store.make(p2.id, b"y", DIR, UID, GID)
+    assert store.inode(p1.id).nlink == 2 and store.inode(p2.id).nlink == 3
+    clock.tick()
+    assert store.rename(p1.id, b"x", p2.id, b"y", exchange=True) is None
+    assert store.lookup(p1.id, b"x") == sub.id
+    assert store.lookup(p2.id, b"y") == f
+    # the folder moved from p2 to p1
+    assert store.inode(p1.id).nlink == 3 and store.inode(p2.id).nlink == 2
+    assert store.inode(f).nlink == 1 and store.inode(sub.id).nlink == 2
+    assert store.inode(f).ctime_ns == store.inode(sub.id).ctime_ns == clock.now
+    # exchange in one folder, and exchange with nothing
+    a = new_file(store, d.id, b"a")
+    b = new_file(store, d.id, b"b")
+    nlink = store.inode(d.id).nlink
+    store.rename(d.id, b"a", d.id, b"b", exchange=True)
+    assert store.lookup(d.id, b"a") == b and store.lookup(d.id, b"b") == a
+    assert store.inode(d.id).nlink == nlink
+    with pytest.raises(StoreError) as e:
+        store.rename(d.id, b"a", d.id, b"nothing", exchange=True)
+    assert errno_of(e) == errno.ENOENT
+    assert store.lookup(d.id, b"a") == b
+
+
+def test_rename_folder_refusals_and_replace(store):
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    full = store.make(d.id, b"full", DIR, UID, GID)
+    new_file(store, full.id, b"inner")
+    empty = store.make(d.id, b"empty", DIR, UID, GID)
+    src = store.make(d.id, b"src", DIR, UID, GID)
+    f = new_file(store, d.id, b"file")
+    assert store.inode(d.id).nlink == 5
+
+    cases = [(b"src", b"full", errno.ENOTEMPTY),   # folder over non-empty folder
+             (b"file", b"empty", errno.EISDIR),    # file over folder
+             (b"src", b"file", errno.ENOTDIR)]     # folder over file
+    for old, new, code in cases:
+        with pytest.raises(StoreError) as e:
+            store.rename(d.id, old, d.id, new)
+        assert errno_of(e) == code, (old, new)
+    assert store.lookup(d.id, b"src") == src.id and store.lookup(d.id, b"file") == f
+    assert store.inode(d.id).nlink == 5
+
+    # folder over an empty folder: the empty one loses its last link, the parent one link
+    replaced = store.rename(d.id, b"src", d.id, b"empty")
+    assert replaced.id == empty.id and replaced.nlink == 0
+    assert store.lookup(d.id, b"empty") == src.id
+    assert store.inode(d.id).nlink == 4
+
+    # folder over an empty folder in another parent
+    other = store.make(d.id, b"other", DIR, UID, GID)
+    target = store.make(other.id, b"t", DIR, UID, GID)
+    assert store.inode(d.id).nlink == 5 and store.inode(other.id).nlink == 3
+    replaced = store.rename(d.id, b"empty", other.id, b"t")
+    assert replaced.id == target.id and replaced.nlink == 0
+    assert store.inode(d.id).nlink == 4 and store.inode(other.id).nlink == 3
+
+
+def test_rename_across_areas_moves_the_subtree(store):
+    p = leaf(store, "processing/common/uploads")
+    c = leaf(store, "cache/data")
+    tree = store.make(p, b"tree", DIR, UID, GID)
+    deep = store.make(tree.id, b"deep", DIR, UID, GID)
+    f = new_file(store, deep.id, b"f")
+    assert store.inode(f).area == "processing"
+    store.rename(p, b"tree", c, b"tree")
+    for ino in (tree.id, deep.id, f):
+        assert store.inode(ino).area == "cache"
+
+
+def test_set_attrs(store, clock):
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    f = new_file(store, d.id, b"f")
+    clock.tick()
+    store.set_attrs(f, mode=stat.S_IFREG | 0o600, uid=7, gid=8, mtime_ns=123, atime_ns=456)
+    node = store.inode(f)
+    assert (node.mode, node.uid, node.gid, node.mtime_ns, node.atime_ns) == (stat.S_IFREG | 0o600, 7, 8, 123, 456)
+    assert node.ctime_ns == clock.now
+    with pytest.raises(ValueError):
+        store.set_attrs(f, nlink=5)
+    with pytest.raises(ValueError):
+        store.set_attrs(f, kind=Kind.LEAF)
+
+
+def test_xattrs(store, clock):
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    f = new_file(store, d.id, b"f")
+    assert store.get_xattr(f, b"user.ttl") is None
+    assert store.xattr_names(f) == []
+    clock.tick()
+    store.set_xattr(f, b"user.ttl", b"60")
+    assert store.inode(f).ctime_ns == clock.now
+    store.set_xattr(f, b"user.bin", b"\x00\xff\x00")
+    store.set_xattr(f, b"user.empty", b"")
+    assert store.get_xattr(f, b"user.ttl") == b"60"
+    assert store.get_xattr(f, b"user.bin") == b"\x00\xff\x00"
+    assert store.get_xattr(f, b"user.empty") == b""
+    assert sorted(store.xattr_names(f)) == [b"user.bin", b"user.empty", b"user.ttl"]
+    store.set_xattr(f, b"user.ttl", b"30")
+    assert store.get_xattr(f, b"user.ttl") == b"30"
+    assert len(store.xattr_names(f)) == 3
+    # xattrs are per inode
+    g = new_file(store, d.id, b"g")
+    assert store.xattr_names(g) == [] and store.get_xattr(g, b"user.ttl") is None
+    clock.tick()
+    assert store.remove_xattr(f, b"user.ttl") is True
+    assert store.inode(f).ctime_ns == clock.now
+    t = clock.tick()
+    assert store.remove_xattr(f, b"user.ttl") is False
+    assert store.inode(f).ctime_ns == t - 1_000_000  # nothing changed
+    assert store.get_xattr(f, b"user.ttl") is None
+    assert sorted(store.xattr_names(f)) == [b"user.bin", b"user.empty"]
+    # a hard link shares them
+    store.link(f, d.id, b"f2")
+    assert store.get_xattr(store.lookup(d.id, b"f2"), b"user.bin") == b"\x00\xff\x00"
+    # removing the inode removes its xattrs
+    store.unlink(d.id, b"f", want_dir=False)
+    store.unlink(d.id, b"f2", want_dir=False)
+    store.remove_inode(f)
+    assert store.db.one("SELECT COUNT(*) FROM xattrs WHERE inode=?", (f,))[0] == 0
+
+
+# ---- content ----------------------------------------------------------------------------
+
+@trio_test
+async def test_write_read_timestamps_and_size(opener, clock):
+    store = opener()
+    f = new_file(store, leaf(store), b"f")
+    clock.tick()
+    await store.write(f, 0, b"hello")
+    node = store.inode(f)
+    assert node.size == 5 and node.mtime_ns == node.ctime_ns == clock.now
+    assert await store.read(f, 0, 100) == b"hello"
+    assert await store.read(f, 2, 2) == b"ll"
+    assert await store.read(f, 5, 10) == b""      # at EOF
+    assert await store.read(f, 100, 10) == b""    # past EOF
+    clock.tick()
+    await store.write(f, 3, b"LO world")
+    assert store.inode(f).size == 11 and store.inode(f).mtime_ns == clock.now
+    assert await store.read(f, 0, 1000) == b"helLO world"
+    clock.tick()
+    await store.truncate(f, 4)
+    assert store.inode(f).size == 4 and store.inode(f).ctime_ns == clock.now
+    assert await store.read(f, 0, 1000) == b"helL"
+    with pytest.raises(StoreError) as e:
+        await store.write(f, MAX_FILE_SIZE, b"x")
+    assert errno_of(e) == errno.EFBIG
+    with pytest.raises(StoreError) as e:
+        await store.truncate(f, MAX_FILE_SIZE + 1)
+    assert errno_of(e) == errno.EFBIG
+
+
+@pytest.mark.parametrize("seed,cache_limit", [(1, BIG), (2, 0), (3, 3 * BLOCK_SIZE)])
+@trio_test
+async def test_random_writes_against_model(opener, seed, cache_limit):
+    rng = random.Random(seed)
+    store = opener(cache_limit=cache_limit)
+    f = new_file(store, leaf(store), b"model.bin")
+    model = bytearray()
+    boundaries = [k * BLOCK_SIZE for k in range(1, 6)]
+
+    def payload(n: int) -> bytes:
+        kind = rng.randrange(3)
+        if kind == 0:
+            return rng.randbytes(n)
+        if kind == 1:
+            return compressible(n, seed=rng.randrange(1000))
+        return bytes(n)
+
+    for step in range(60):
+        op = rng.random()
+        if op < 0.7:
+            if rng.random() < 0.5:
+                offset = max(0, rng.choice(boundaries) + rng.randrange(-300, 300))
+            else:
+                offset = rng.randrange(0, 6 * BLOCK_SIZE)
+            n = rng.choice([1, 7, 4096, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, rng.randrange(1, 3 * BLOCK_SIZE)])
+            data = payload(n)
+            await store.write(f, offset, data)
+            if offset > len(model):
+                model.extend(bytes(offset - len(model)))
+            model[offset:offset + n] = data
+        elif op < 0.85:
+            size = rng.randrange(0, 7 * BLOCK_SIZE)
+            await store.truncate(f, size)
+            if size < len(model):
+                del model[size:]
+            else:
+                model.extend(bytes(size - len(model)))
+        else:
+            await store.sync()
+        assert store.inode(f).size == len(model), step
+        for _ in range(3):
+            off = rng.randrange(0, len(model) + 2 * BLOCK_SIZE)
+            n = rng.randrange(0, 2 * BLOCK_SIZE)
+            assert await store.read(f, off, n) == bytes(model[off:off + n]), (step, off, n)
+    assert await store.read(f, 0, len(model) + 10) == bytes(model)
+    await store.sync()
+    assert not store.blocks.dirty
+    assert await store.read(f, 0, len(model) + 10) == bytes(model)
+    opener.close(store)
+    store = opener()
+    assert store.inode(f).size == len(model)
+    assert await store.read(f, 0, len(model) + 10) == bytes(model)
+
+
+@trio_test
+async def test_holes_read_as_zeros(store):
+    f = new_file(store, leaf(store), b"sparse")
+    await store.write(f, 3 * BLOCK_SIZE + 10, b"tail")
+    size = 3 * BLOCK_SIZE + 14
+    assert store.inode(f).size == size
+    expected = bytes(3 * BLOCK_SIZE + 10) + b"tail"
+    assert await store.read(f, 0, size) == expected
+    await store.sync()
+    assert objects_rows(store) == 1  # only the block with data
+    assert await store.read(f, 0, size + 100) == expected
+    assert await store.read(f, BLOCK_SIZE - 5, 10) == bytes(10)
+
+
+@pytest.mark.parametrize("flush", [False, True])
+@pytest.mark.parametrize("cut", [1, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, 2 * BLOCK_SIZE + 77])
+@trio_test
+async def test_truncate_down_then_up_shows_zeros(opener, flush, cut):
+    store = opener(cache_limit=0)
+    f = new_file(store, leaf(store), b"t")
+    data = random.Random(cut).randbytes(3 * BLOCK_SIZE)
+    await store.write(f, 0, data)
+    if flush:
+        await store.sync()
+    await store.truncate(f, cut)
+    if flush:
+        await store.sync()
+    await store.truncate(f, 3 * BLOCK_SIZE)
+    expected = data[:cut] + bytes(3 * BLOCK_SIZE - cut)
+    assert await store.read(f, 0, 4 * BLOCK_SIZE) == expected
+    await store.sync()
+    assert await store.read(f, 0, 4 * BLOCK_SIZE) == expected
+    # growing by a write past EOF instead of truncate shows zeros as well
+    await store.truncate(f, cut)
+    await store.write(f, 3 * BLOCK_SIZE, b"!")
+    assert await store.read(f, 0, 4 * BLOCK_SIZE) == expected + b"!"
+    await store.sync()
+    opener.close(store)
+    store = opener()
+    assert await store.read(f, 0, 4 * BLOCK_SIZE) == expected + b"!"
+
+
+@trio_test
+async def test_truncate_to_zero_frees_objects(store):
+    f = new_file(store, leaf(store), b"t")
+    await store.write(f, 0, random.Random(5).randbytes(3 * BLOCK_SIZE))
+    await store.sync()
+    assert objects_rows(store) == 3
+    await store.truncate(f, 0)
+    await store.commit()
+    assert objects_rows(store) == 0 and object_files(store) == set()
+    assert await store.read(f, 0, 100) == b""
+
+
+@trio_test
+async def test_all_zero_blocks_make_no_object(store):
+    f = new_file(store, leaf(store), b"zeros")
+    await store.write(f, 0, bytes(5 * BLOCK_SIZE + 123))
+    await store.sync()
+    assert objects_rows(store) == 0 and object_files(store) == set()
+    assert store.db.one("SELECT COUNT(*) FROM blocks")[0] == 0
+    assert await store.read(f, 0, 6 * BLOCK_SIZE) == bytes(5 * BLOCK_SIZE + 123)
+    # overwriting a stored block with zeros turns it back into a hole and frees its object
+    await store.write(f, BLOCK_SIZE, b"\x01" * BLOCK_SIZE)
+    await store.sync()
+    assert objects_rows(store) == 1
+    await store.write(f, BLOCK_SIZE, bytes(BLOCK_SIZE))
+    await store.sync()
+    assert objects_rows(store) == 0 and object_files(store) == set()
+    assert await store.read(f, 0, 6 * BLOCK_SIZE) == bytes(5 * BLOCK_SIZE + 123)
+
+
+@trio_test
+async def test_dedup_and_deletion_of_objects(opener):
+    store = opener(cache_limit=0)
+    d = leaf(store)
+    data = random.Random(9).randbytes(MiB)
+    files = [new_file(store, d, b"copy%d" % i) for i in range(3)]
+    for ino in files:
+        await store.write(ino, 0, data)
+    await store.sync()
+    blocks = MiB // BLOCK_SIZE
+    assert objects_rows(store) == blocks
+    assert object_files(store) == object_ids(store)
+    assert {r[0] for r in store.db.execute("SELECT refcount FROM objects")} == {3}
+    assert store.usage()["total"]["stored_bytes"] < 1.01 * MiB
+
+    for i in (0, 1):
+        assert store.unlink(d, b"copy%d" % i, want_dir=False).nlink == 0
+        store.remove_inode(files[i])
+    await store.commit()
+    assert objects_rows(store) == blocks and len(object_files(store)) == blocks
+    assert {r[0] for r in store.db.execute("SELECT refcount FROM objects")} == {1}
+    assert await store.read(files[2], 0, 2 * MiB) == data
+
+    ids = object_ids(store)
+    store.unlink(d, b"copy2", want_dir=False)
+    store.remove_inode(files[2])
+    assert objects_rows(store) == 0
+    assert object_files(store) == ids          # files go only after the commit
+    await store.commit()
+    assert object_files(store) == set()
+    assert store.db.one("SELECT COUNT(*) FROM blocks")[0] == 0
+    opener.close(store)
+    store = opener()
+    assert objects_rows(store) == 0 and object_files(store) == set()
+
+
+_CRASH_SCRIPT = """
+import os, sys
+from pathlib import Path
+from tempfs.codec import ContentCodec
+from tempfs.store import Store
+path, key, parent = Path(sys.argv[1]), bytes.fromhex(sys.argv[2]), int(sys.argv[3])
+store = Store(path, ContentCodec(key), dirty_limit=1 << 26, cache_limit=0)
+ino = store.lookup(parent, b"f")
+store.unlink(parent, b"f", want_dir=False)
+store.remove_inode(ino)
+print(len(store.objects.all_ids()), flush=True)
+os._exit(0)  # a crash: no commit, no close
+"""
+
+
+@trio_test
+async def test_uncommitted_deletion_keeps_object_files_after_crash(opener):
+    """Until the commit that drops the last reference, the object file stays: a process that dies
+    before that commit leaves the old (committed) tree readable."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    store = opener(cache_limit=0)
+    d = leaf(store)
+    f = new_file(store, d, b"f")
+    data = random.Random(3).randbytes(2 * BLOCK_SIZE)
+    await store.write(f, 0, data)
+    await store.sync()
+    ids = object_ids(store)
+    opener.close(store)
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, str(opener.path), opener.key.hex(), str(d)],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == len(ids)  # the deleting process had not removed the files yet
+    store = opener(cache_limit=0)
+    assert store.lookup(d, b"f") == f
+    assert object_files(store) == ids
+    assert await store.read(f, 0, 3 * BLOCK_SIZE) == data
+
+
+@trio_test
+async def test_same_block_within_one_file_is_stored_once(store):
+    f = new_file(store, leaf(store), b"f")
+    block = random.Random(4).randbytes(BLOCK_SIZE)
+    await store.write(f, 0, block * 4)
+    await store.sync()
+    assert objects_rows(store) == 1
+    assert store.db.one("SELECT refcount FROM objects")[0] == 4
+    await store.write(f, 0, b"X")  # changing one copy leaves the others
+    await store.sync()
+    assert objects_rows(store) == 2
+    assert await store.read(f, 0, 4 * BLOCK_SIZE) == b"X" + block[1:] + block * 3
+
+
+@trio_test
+async def test_compressible_content_stores_smaller(store):
+    f = new_file(store, leaf(store), b"log.txt")
+    data = compressible(MiB)
+    await store.write(f, 0, data)
+    await store.sync()
+    total = store.usage()["total"]
+    assert total["logical_bytes"] == MiB
+    assert total["stored_bytes"] < MiB // 4
+    on_disk = sum(p.stat().st_size for p in (store.path / "objects").rglob("*") if p.is_file())
+    assert on_disk == total["stored_bytes"]
+
+
+@trio_test
+async def test_no_plaintext_on_disk(opener):
+    store = opener()
+    d = leaf(store)
+    data = compressible(600 * KiB)
+    f = new_file(store, d, b"f")
+    await store.write(f, 0, data)
+    raw = bytearray(random.Random(8).randbytes(300 * KiB))
+    for pos in range(0, len(raw) - 100, 10_000):
+        raw[pos:pos + len(MARKER)] = MARKER
+    g = new_file(store, d, b"g")
+    await store.write(g, 0, bytes(raw))
+    await store.sync()
+    opener.close(store)
+    for path in store.path.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert MARKER not in content, path
+            assert data[1000:1064] not in content, path
+
+
+@trio_test
+async def test_deleted_object_keys_do_not_linger_in_the_database(opener):
+    store = opener()
+    f = new_file(store, leaf(store), b"f")
+    await store.write(f, 0, random.Random(6).randbytes(2 * BLOCK_SIZE))
+    await store.sync()
+    wrapped = [r[0] for r in store.db.execute("SELECT wrapped_key FROM objects")]
+    assert len(wrapped) == 2
+    await store.truncate(f, 0)
+    await store.sync()
+    opener.close(store)
+    for path in store.path.glob("meta.sqlite*"):
+        content = path.read_bytes()
+        for key in wrapped:
+            assert key not in content and key[12:] not in content, path
+
+
+@trio_test
+async def test_corrupted_object_raises_block_read_error(opener):
+    store = opener(cache_limit=0)
+    d = leaf(store)
+    f = new_file(store, d, b"f")
+    g = new_file(store, d, b"g")
+    data = random.Random(7).randbytes(3 * BLOCK_SIZE)
+    other = random.Random(17).randbytes(BLOCK_SIZE)
+    await store.write(f, 0, data)
+    await store.write(g, 0, other)
+    await store.sync()
+    middle = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=1", (f,))[0]
+    path = store.objects.path(middle)
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    os.chmod(path, 0o600)
+    path.write_bytes(bytes(blob))
+
+    with pytest.raises(BlockReadError) as e:
+        await store.read(f, 0, 3 * BLOCK_SIZE)
+    assert e.value.inode == f and e.value.blockno == 1
+    with pytest.raises(BlockReadError):
+        await store.read(f, BLOCK_SIZE + 5, 10)
+    # everything else is still served
+    assert await store.read(f, 0, BLOCK_SIZE) == data[:BLOCK_SIZE]
+    assert await store.read(f, 2 * BLOCK_SIZE, BLOCK_SIZE) == data[2 * BLOCK_SIZE:]
+    assert await store.read(g, 0, BLOCK_SIZE) == other
+
+    # a missing object file and a truncated one fail the same way
+    last = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=2", (f,))[0]
+    store.objects.path(last).unlink()
+    with pytest.raises(BlockReadError):
+        await store.read(f, 2 * BLOCK_SIZE, 10)
+    first = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=0", (f,))[0]
+    p0 = store.objects.path(first)
+    p0.write_bytes(p0.read_bytes()[:-1])
+    with pytest.raises(BlockReadError):
+        await store.read(f, 0, 10)
+    assert await store.read(g, 0, BLOCK_SIZE) == other
+
+
+@trio_test
+async def test_swapped_object_files_raise_block_read_error(opener):
+    store = opener(cache_limit=0)
+    f = new_file(store, leaf(store), b"f")
+    await store.write(f, 0, random.Random(1).randbytes(2 * BLOCK_SIZE))
+    await store.sync()
+    a = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=0", (f,))[0]
+    b = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=1", (f,))[0]
+    pa, pb = store.objects.path(a), store.objects.path(b)
+    blob_a, blob_b = pa.read_bytes(), pb.read_bytes()
+    pa.write_bytes(blob_b)
+    pb.write_bytes(blob_a)
+    for off in (0, BLOCK_SIZE):
+        with pytest.raises(BlockReadError):
+            await store.read(f, off, 10)
+
+
+# ---- opening, locking, keys -------------------------------------------------------------
+
+def test_second_store_on_same_path_is_locked(opener):
+    store = opener()
+    with pytest.raises(StoreLockedError) as e:
+        opener()
+    assert isinstance(e.value, StoreOpenError)
+    assert "in use" in str(e.value)
+    # the first one is unharmed
+    d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    assert store.lookup(ROOT_INODE, b"area") == d.id
+    opener.close(store)
+    store = opener()
+    assert store.lookup(ROOT_INODE, b"area") == d.id
+
+
+def test_wrong_key_is_refused(opener):
+    store = opener()
+    store.make(ROOT_INODE, b"area", DIR, UID, GID)
+    opener.close(store)
+    with pytest.raises(WrongKeyError) as e:
+        opener(key=os.urandom(MASTER_KEY_BYTES))
+    assert isinstance(e.value, StoreOpenError)
+    # the refused attempt released the lock and changed nothing
+    store = opener()
+    assert store.lookup(ROOT_INODE, b"area") is not None
+
+
+@trio_test
+async def test_reopen_keeps_everything(opener, clock):
+    store = opener()
+    d = leaf(store)
+    t_make = clock.tick()
+    f = new_file(store, d, b"file.bin")
+    data = random.Random(11).randbytes(BLOCK_SIZE * 2 + 99) + compressible(BLOCK_SIZE * 3)
+    await store.write(f, 0, data)
+    sub = store.make(d, b"sub", DIR, UID, GID)
+    link = store.make(sub.id, b"ln", LINK, UID, GID, target=b"../file.bin")
+    store.link(f, sub.id, b"hard")
+    store.set_xattr(f, b"user.ttl", b"300")
+    await store.sync()
+    before = {ino: store.inode(ino) for ino in (ROOT_INODE, d, f, sub.id, link.id)}
+    listing = store.children(d)
+    opener.close(store)
+
+    clock.tick()
+    store = opener(cache_limit=0)
+    for ino, node in before.items():
+        assert store.inode(ino) == node
+    assert store.inode(f).atime_ns == t_make
+    assert store.children(d) == listing
+    assert store.lookup(sub.id, b"hard") == f and store.inode(f).nlink == 2
+    assert store.inode(link.id).target == b"../file.bin"
+    assert store.get_xattr(f, b"user.ttl") == b"300"
+    assert await store.read(f, 0, len(data) + 1) == data
+    assert store.inode(store.lookup(ROOT_INODE, b"processing")).kind == Kind.BRANCH
+    assert store.inode(d).kind == Kind.LEAF
+
+
+@trio_test
+async def test_unlinked_inodes_are_purged_at_reopen(opener):
+    store = opener()
+    d = leaf(store)
+    gone = new_file(store, d, b"gone")
+    kept = new_file(store, d, b"kept")
+    store.link(kept, d, b"kept2")
+    await store.write(gone, 0, random.Random(2).randbytes(2 * BLOCK_SIZE))
+    await store.write(kept, 0, b"kept content")
+    store.set_xattr(gone, b"user.x", b"1")
+    await store.sync()
+    gone_objects = {r[0] for r in store.db.execute("SELECT object FROM blocks WHERE inode=?", (gone,))}
+    assert len(gone_objects) == 2
+    # names gone, but the inode was still "open" when the daemon stopped
+    store.unlink(d, b"gone", want_dir=False)
+    store.unlink(d, b"kept", want_dir=False)
+    empty_dir = store.make(d, b"emptydir", DIR, UID, GID)
+    store.unlink(d, b"emptydir", want_dir=True)
+    await store.sync()
+    assert store.inode(gone).nlink == 0
+    assert gone_objects <= object_files(store)
+    opener.close(store)
+
+    store = opener()
+    for ino in (gone, empty_dir.id):
+        with pytest.raises(StoreError):
+            store.inode(ino)
+    assert store.inode(kept).nlink == 1
+    assert await store.read(kept, 0, 100) == b"kept content"
+    assert not (gone_objects & object_ids(store))
+    assert not (gone_objects & object_files(store))
+    assert store.db.one("SELECT COUNT(*) FROM xattrs WHERE inode=?", (gone,))[0] == 0
+    assert store.db.one("SELECT COUNT(*) FROM blocks WHERE inode=?", (gone,))[0] == 0
+
+
+# ---- accounting -------------------------------------------------------------------------
+
+def _stored(store: Store, *inos: int) -> int:
+    marks = ",".join("?" * len(inos))
+    row = store.db.one(f"SELECT COALESCE(SUM(stored_size), 0) FROM objects WHERE id IN "
+                       f"(SELECT object FROM blocks WHERE inode IN ({marks}))", inos)
+    return row[0]
+
+
+@trio_test
+async def test_usage_per_area(store):
+    frames = leaf(store, "processing/face_recognition/frames")
+    models = leaf(store, "cache/models")
+    cache = store.lookup(ROOT_INODE, b"cache")
+    leaf(store, "sessions/user_sessions")
+    a = new_file(store, frames, b"a.txt")
+    await store.write(a, 0, compressible(300 * KiB))
+    b = new_file(store, models, b"b.onnx")
+    await store.write(b, 0, random.Random(1).randbytes(200 * KiB))
+    e = new_file(store, cache, b"empty")
+    sub = store.make(frames, b"batch", DIR, UID, GID)
+    s = new_file(store, sub.id, b"s.bin")
+    await store.write(s, 10 * BLOCK_SIZE, b"x")  # sparse: one small object
+    await store.sync()
+
+    u = store.usage()
+    areas = u["areas"]
+    assert {"processing", "cache"} <= set(areas)
+    zero = {"files": 0, "logical_bytes": 0, "stored_bytes": 0}
+    assert areas.get("sessions", zero) == zero  # an area without files: absent or all zeros
+    assert set(areas) <= {"processing", "cache", "sessions"}
+    p = areas["processing"]
+    assert p["files"] == 2 and p["logical_bytes"] == 300 * KiB + 10 * BLOCK_SIZE + 1
+    assert p["stored_bytes"] == _stored(store, a, s)
+    assert p["stored_bytes"] < 300 * KiB // 2
+    c = areas["cache"]
+    assert c["files"] == 2 and c["logical_bytes"] == 200 * KiB
+    assert c["stored_bytes"] == _stored(store, b, e) > 200 * KiB
+    total = u["total"]
+    assert total["files"] == 4
+    assert total["logical_bytes"] == p["logical_bytes"] + c["logical_bytes"]
+    assert total["stored_bytes"] == p["stored_bytes"] + c["stored_bytes"] == store.stored_bytes()
+    assert total["objects"] == objects_rows(store)
+
+    # the same content in two areas counts in each, once in the total
+    shared = random.Random(2).randbytes(BLOCK_SIZE)
+    x = new_file(store, frames, b"x")
+    y = new_file(store, models, b"y")
+    await store.write(x, 0, shared)
+    await store.write(y, 0, shared)
+    await store.sync()
+    u2 = store.usage()
+    one = _stored(store, x)
+    assert u2["areas"]["processing"]["stored_bytes"] == p["stored_bytes"] + one
+    assert u2["areas"]["cache"]["stored_bytes"] == c["stored_bytes"] + one
+    assert u2["total"]["stored_bytes"] == total["stored_bytes"] + one
+    assert u2["total"]["objects"] == total["objects"] + 1
+
+    # two files of one area sharing an object count it once in that area
+    z = new_file(store, models, b"z")
+    await store.write(z, 0, shared)
+    await store.sync()
+    assert store.usage()["areas"]["cache"]["stored_bytes"] == u2["areas"]["cache"]["stored_bytes"]
+
+
+def test_ensure_folder(store):
+    ino = store.ensure_folder("processing/face_recognition/frames", Kind.LEAF, 0o750, UID, GID)
+    assert store.ensure_folder("processing/face_recognition/frames", Kind.LEAF, 0o750, UID, GID) == ino
+    node = store.inode(ino)
+    assert node.kind == Kind.LEAF and node.area == "processing" and node.is_dir
+    assert stat.S_IMODE(node.mode) == 0o750
+    assert store.path_of(ino) == "/processing/face_recognition/frames"
+    p = store.lookup(ROOT_INODE, b"processing")
+    assert store.inode(p).area == "processing"
+    f = new_file(store, p, b"file")
+    with pytest.raises(StoreOpenError):
+        store.ensure_folder("processing/file", Kind.LEAF, 0o755, UID, GID)
+    assert store.lookup(p, b"file") == f
+    assert store.inode_count() == 5  # root, processing, face_recognition, frames, file
+
+
+# ---- back-pressure ----------------------------------------------------------------------
+
+async def _write_under_pressure(store: Store, f: int, data: bytes, chunk: int) -> int:
+    """Writes `data` with the flusher running; returns the peak dirty bytes."""
+    peak = 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.blocks.run_flusher)
+        for off in range(0, len(data), chunk):
+            await store.write(f, off, data[off:off + chunk])
+            peak = max(peak, store.blocks.dirty_bytes)
+        nursery.cancel_scope.cancel()
+    return peak
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("chunk", [256 * KiB, 5 * MiB])
+@trio_test
+async def test_dirty_limit_back_pressure_with_flusher(opener, chunk, monkeypatch):
+    """A 5 MiB write against a 4-block dirty budget completes, never holds more than the budget,
+    and reads back intact. The flusher's periodic wake-up is pushed out to an hour, so the
+    write completes only if a writer waiting for room wakes the flusher itself (a lost
+    wake-up hangs here until the timeout)."""
+    monkeypatch.setattr("tempfs.store.blocks.FLUSH_AGE", 7200.0)
+    store = opener(dirty_limit=4 * BLOCK_SIZE, cache_limit=0)
+    assert store.blocks.dirty_limit == 4 * BLOCK_SIZE
+    f = new_file(store, leaf(store), b"big")
+    data = random.Random(12).randbytes(5 * MiB)
+    peak = await _write_under_pressure(store, f, data, chunk)
+    assert peak <= 4 * BLOCK_SIZE
+    assert store.inode(f).size == len(data)
+    await store.sync()
+    assert not store.blocks.dirty and store.blocks.dirty_bytes == 0
+    assert await store.read(f, 0, len(data) + 1) == data
+    assert objects_rows(store) == len(data) // BLOCK_SIZE
+
+
+# ---- bugs found -------------------------------------------------------------------------
+
+def _gate_first_object_read(store: Store):
+    """Holds the next object read (in its worker thread) until the test releases it, so the
+    test can interleave another operation with a read in flight, as concurrent FUSE requests do.
+    Returns (entered, release) threading events."""
+    import threading
+    entered, release = threading.Event(), threading.Event()
+    real_read = store.objects.read
+
+    def gated_read(object_id):
+        store.objects.read = real_read
+        entered.set()
+        release.wait(10)
+        return real_read(object_id)
+
+    store.objects.read = gated_read
+    return entered, release
+
+
+def test_unreadable_metadata_is_a_store_open_error(opener):
+    opener.path.mkdir()
+    (opener.path / "meta.sqlite").write_bytes(random.Random(1).randbytes(8192))
+    with pytest.raises(StoreOpenError):
+        opener()
+
+
+@trio_test
+async def test_unreadable_metadata_releases_the_lock(opener):
+    opener.path.mkdir()
+    (opener.path / "meta.sqlite").write_bytes(random.Random(1).randbytes(8192))
+    with pytest.raises(Exception):
+        opener()
+    (opener.path / "meta.sqlite").unlink()
+    opener()  # not StoreLockedError
+
+
+def test_interrupted_creation_is_not_a_wrong_key(opener):
+    from tempfs.store.db import Database
+    opener.path.mkdir()
+    db = Database(opener.path / "meta.sqlite")
+    db.create_schema()
+    db.conn.close()  # the process died before the creation committed
+    try:
+        store = opener()
+    except StoreOpenError as e:
+        assert not isinstance(e, WrongKeyError), str(e)
+    else:
+        assert store.inode(ROOT_INODE).is_dir
