@@ -27,7 +27,7 @@ def prepare_tree(store: Store, config: Config) -> None:
             for path in config.folders]
     for path in store.unmark_schema(keep):
         log.warning("%s is no longer declared by the config: it is now an ordinary folder", path)
-    store.db.commit()
+    store.db.commit()()
 
 
 def mount_options(store_path: Path) -> set[str]:

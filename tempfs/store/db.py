@@ -106,7 +106,9 @@ class Database:
     def dirty(self) -> bool:
         return self.conn.in_transaction or bool(self._after_commit)
 
-    def commit(self, durable: bool = False) -> None:
+    def commit(self, durable: bool = False) -> Callable[[], None]:
+        """Commits, and returns the after-commit work now due as one callable, which the
+        caller runs (a worker thread may: it only touches files)."""
         self.conn.commit()
         if self._shred:
             self._shred = False
@@ -114,11 +116,7 @@ class Database:
         if durable:
             self._fsync(Path(str(self.path) + "-wal"))
         hooks, self._after_commit = self._after_commit, []
-        for hook in hooks:
-            try:
-                hook()
-            except OSError as e:
-                log.warning("cleanup after commit failed: %s", e)
+        return lambda: _run_all(hooks)
 
     @staticmethod
     def _fsync(path: Path) -> None:
@@ -132,6 +130,14 @@ class Database:
             os.close(fd)
 
     def close(self) -> None:
-        self.commit()
+        self.commit()()
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.conn.close()
+
+
+def _run_all(hooks: list[Callable[[], None]]) -> None:
+    for hook in hooks:
+        try:
+            hook()
+        except OSError as e:
+            log.warning("cleanup after commit failed: %s", e)
