@@ -160,11 +160,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return _mount_in_background(args)
     _setup_logging(True, Path(args.log_file) if args.log_file else None, args.verbose)
     paths, config, key = preflight(args)
+    from .clock import daemon_clock
     from .codec import ContentCodec
     from .daemon import serve
     from .store import Store, StoreLockedError, StoreOpenError, WrongKeyError
     try:
-        store = Store(paths.store, ContentCodec(key), dirty_limit=config.dirty_limit, cache_limit=config.cache_limit)
+        store = Store(paths.store, ContentCodec(key), dirty_limit=config.dirty_limit, cache_limit=config.cache_limit,
+                      clock=daemon_clock())
     except StoreLockedError as e:
         raise Failure(Exit.LOCKED, str(e)) from None
     except WrongKeyError as e:

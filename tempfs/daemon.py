@@ -21,13 +21,24 @@ log = logging.getLogger(__name__)
 
 
 def prepare_tree(store: Store, config: Config) -> None:
-    """Makes every schema folder exist with its kind; folders the config dropped become ordinary."""
+    """Makes every schema folder exist with its kind and policy, and applies each policy's
+    max_age to the entries it governs; folders the config dropped become ordinary."""
     kinds = layout.schema_kinds(config.folders)
-    keep = [store.ensure_folder(path, kinds[path], SCHEMA_FOLDER_MODE, os.getuid(), os.getgid())
+    store.apply_policies({path: int(policy.max_age * 1e9) if policy.auto_cleanup else None
+                          for path, policy in config.policies.items()})
+    keep = [store.ensure_folder(path, kinds[path], SCHEMA_FOLDER_MODE, os.getuid(), os.getgid(),
+                                policy=_policy_key(config, path))
             for path in config.folders]
     for path in store.unmark_schema(keep):
         log.warning("%s is no longer declared by the config: it is now an ordinary folder", path)
     store.db.commit()()
+
+
+def _policy_key(config: Config, path: str) -> str:
+    """The deepest configured folder that is `path` or above it."""
+    while path not in config.policies:
+        path = path.rsplit("/", 1)[0]
+    return path
 
 
 def mount_options(store_path: Path) -> set[str]:
@@ -41,7 +52,7 @@ def serve(store: Store, config: Config, mountpoint: Path) -> None:
     ops = TempFS(store, capacity)
     pyfuse3.init(ops, str(mountpoint), mount_options(store.path))
     log.info("mounted %s at %s (pid %d)", store.path, mountpoint, os.getpid())
-    daemon = _Daemon(store, mountpoint)
+    daemon = _Daemon(store, ops, mountpoint)
     try:
         trio.run(daemon.run)
     finally:
@@ -51,8 +62,9 @@ def serve(store: Store, config: Config, mountpoint: Path) -> None:
 
 
 class _Daemon:
-    def __init__(self, store: Store, mountpoint: Path) -> None:
+    def __init__(self, store: Store, ops: TempFS, mountpoint: Path) -> None:
         self.store = store
+        self.ops = ops
         self.mountpoint = mountpoint
         self.must_unmount = True
 
@@ -60,6 +72,7 @@ class _Daemon:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.store.blocks.run_flusher)
             await nursery.start(self.store.run_committer)
+            await nursery.start(self.ops.run_reaper)
             nursery.start_soon(self._on_signals)
             await pyfuse3.main()
             self.must_unmount = self._terminated_by_us

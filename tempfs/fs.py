@@ -17,6 +17,7 @@ from collections import Counter
 from typing import Optional, Sequence
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from . import __version__, layout
@@ -28,7 +29,12 @@ NAME_MAX = 255
 XATTR_PREFIX = b"user.tempfs."
 STATUS_XATTR = XATTR_PREFIX + b"status"
 PID_XATTR = XATTR_PREFIX + b"pid"
+TTL_XATTR = XATTR_PREFIX + b"ttl"
+EXPIRES_XATTR = XATTR_PREFIX + b"expires"
 SCHEMA_FOLDER_MODE = 0o1777
+KERNEL_CACHE_SECONDS = 300.0  # tempfs is the only writer: the kernel may cache long...
+REAPER_NAP = 1.0              # ...but never past a deadline; the reaper looks again this often
+REAP_BATCH = 1000
 
 
 def _errors(method):
@@ -64,6 +70,8 @@ class TempFS(pyfuse3.Operations):
         self.started = time.time()
         self._lookups: Counter[int] = Counter()
         self._opens: Counter[int] = Counter()
+        self._waiting: set[int] = set()  # due, but open or a folder with entries: looked at next pass
+        self._reaper_wake = trio.Event()
 
     # ---- replies -------------------------------------------------------------------------
     def _attributes(self, node: Inode) -> pyfuse3.EntryAttributes:
@@ -80,7 +88,21 @@ class TempFS(pyfuse3.Operations):
         attrs.st_atime_ns = node.atime_ns
         attrs.st_mtime_ns = node.mtime_ns
         attrs.st_ctime_ns = node.ctime_ns
+        attrs.entry_timeout = attrs.attr_timeout = self._cache_seconds(node)
         return attrs
+
+    def _cache_seconds(self, node: Inode) -> float:
+        """How long the kernel may keep the entry: never past its deadline."""
+        if node.expires_ns is None:
+            return KERNEL_CACHE_SECONDS
+        return max(0.0, min(KERNEL_CACHE_SECONDS, (node.expires_ns - self.store.clock()) / 1e9))
+
+    def _hidden(self, node: Inode) -> bool:
+        """Past its deadline an entry is gone for programs at once, before the reaper reclaims
+        it, unless it is open or a folder that still holds entries."""
+        if node.expires_ns is None or node.expires_ns > self.store.clock() or self._opens[node.id] > 0:
+            return False
+        return not node.is_dir or self.store.is_empty(node.id)
 
     def _entry(self, node: Inode) -> pyfuse3.EntryAttributes:
         """An attribute reply that the kernel counts as a lookup."""
@@ -119,6 +141,7 @@ class TempFS(pyfuse3.Operations):
             except StoreError:
                 return
             if node.nlink == 0:
+                self._waiting.discard(ino)
                 self.store.remove_inode(ino)
 
     # ---- names ---------------------------------------------------------------------------
@@ -129,7 +152,11 @@ class TempFS(pyfuse3.Operations):
         ino = self.store.lookup(parent_inode, name)
         if ino is None:
             raise FUSEError(errno.ENOENT)
-        return self._entry(self.store.inode(ino))
+        node = self.store.inode(ino)
+        if self._hidden(node):
+            self._reaper_wake.set()
+            raise FUSEError(errno.ENOENT)
+        return self._entry(node)
 
     @_errors
     async def getattr(self, inode, ctx=None):
@@ -142,21 +169,31 @@ class TempFS(pyfuse3.Operations):
 
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        self._check_create(parent_inode, name, True, ctx)
-        node = self.store.make(parent_inode, name, stat.S_IFDIR | (mode & ~ctx.umask & 0o7777), ctx.uid, ctx.gid)
-        return self._entry(node)
+        return self._entry(self._make(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx))
 
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        self._check_create(parent_inode, name, stat.S_ISDIR(mode), ctx)
-        node = self.store.make(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid, rdev=rdev)
-        return self._entry(node)
+        return self._entry(self._make(parent_inode, name, mode, ctx, rdev=rdev))
 
     @_errors
     async def symlink(self, parent_inode, name, target, ctx):
-        self._check_create(parent_inode, name, False, ctx)
-        node = self.store.make(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, target=target)
-        return self._entry(node)
+        return self._entry(self._make(parent_inode, name, stat.S_IFLNK | 0o777, ctx, target=target))
+
+    def _make(self, parent: int, name: bytes, mode: int, ctx, rdev: int = 0,
+              target: Optional[bytes] = None) -> Inode:
+        """Creates an entry where the layout allows it, with the owner Linux would give it:
+        in a set-group-ID folder, the folder's group (and a new folder keeps the bit)."""
+        is_dir = stat.S_ISDIR(mode)
+        self._check_create(parent, name, is_dir, ctx)
+        if not stat.S_ISLNK(mode):
+            mode &= ~ctx.umask
+        gid = ctx.gid
+        folder = self.store.inode(parent)
+        if folder.mode & stat.S_ISGID:
+            gid = folder.gid
+            if is_dir:
+                mode |= stat.S_ISGID
+        return self.store.make(parent, name, mode, ctx.uid, gid, rdev=rdev, target=target)
 
     @_errors
     async def readlink(self, inode, ctx):
@@ -241,13 +278,36 @@ class TempFS(pyfuse3.Operations):
             return json.dumps(self.status()).encode()
         if inode == pyfuse3.ROOT_INODE and name == PID_XATTR:
             return str(os.getpid()).encode()
+        if name in (EXPIRES_XATTR, TTL_XATTR):
+            return self._deadline_text(self.store.inode(inode), remaining=(name == TTL_XATTR))
         value = self.store.get_xattr(inode, name)
         if value is None:
             raise FUSEError(pyfuse3.ENOATTR)
         return value
 
+    def _deadline_text(self, node: Inode, remaining: bool) -> bytes:
+        if node.expires_ns is None:
+            return b"never"
+        if remaining:
+            return str(max(0, (node.expires_ns - self.store.clock()) // 10**9)).encode()
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(node.expires_ns // 10**9))
+        return f"{when}.{node.expires_ns % 10**9 // 10**6:03d}Z".encode()
+
+    def _set_ttl(self, node: Inode, value: bytes, ctx) -> None:
+        self._check_schema(node, "given a ttl (they never expire)", ctx, self.store.path_of(node.id))
+        try:
+            seconds = float(value.decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            raise FUSEError(errno.EINVAL) from None
+        if not 0 < seconds < 1e12:
+            raise FUSEError(errno.EINVAL)
+        self.store.set_ttl(node.id, seconds)
+        self._reaper_wake.set()
+
     @_errors
     async def setxattr(self, inode, name, value, ctx):
+        if name == TTL_XATTR:
+            return self._set_ttl(self.store.inode(inode), value, ctx)
         if name.startswith(XATTR_PREFIX):
             raise self._refuse("tempfs attributes are read-only", ctx, self.store.path_of(inode))
         if not name.startswith(b"user."):
@@ -256,12 +316,21 @@ class TempFS(pyfuse3.Operations):
 
     @_errors
     async def removexattr(self, inode, name, ctx):
+        if name == TTL_XATTR:  # back to the policy's life
+            return self.store.set_ttl(inode, None)
+        if name.startswith(XATTR_PREFIX):
+            raise self._refuse("tempfs attributes are read-only", ctx, self.store.path_of(inode))
         if not self.store.remove_xattr(inode, name):
             raise FUSEError(pyfuse3.ENOATTR)
 
     @_errors
     async def listxattr(self, inode, ctx):
-        return self.store.xattr_names(inode)
+        names = self.store.xattr_names(inode)
+        node = self.store.inode(inode)
+        # the kernel allows user.* attributes on files and folders only
+        if node.expires_ns is not None and (node.is_dir or stat.S_ISREG(node.mode)):
+            names.append(EXPIRES_XATTR)
+        return names
 
     # ---- folders -------------------------------------------------------------------------
     @_errors
@@ -276,10 +345,12 @@ class TempFS(pyfuse3.Operations):
         while rows := self.store.children(fh, after):
             for entry_id, name, ino in rows:
                 node = self.store.inode(ino)
+                after = entry_id
+                if self._hidden(node):
+                    continue
                 if not pyfuse3.readdir_reply(token, name, self._attributes(node), entry_id):
                     return
                 self._lookups[ino] += 1
-                after = entry_id
 
     async def releasedir(self, fh):
         pass
@@ -291,8 +362,7 @@ class TempFS(pyfuse3.Operations):
     # ---- files ---------------------------------------------------------------------------
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        self._check_create(parent_inode, name, False, ctx)
-        node = self.store.make(parent_inode, name, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), ctx.uid, ctx.gid)
+        node = self._make(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
         self._opens[node.id] += 1
         return pyfuse3.FileInfo(fh=node.id), self._entry(node)
 
@@ -301,6 +371,8 @@ class TempFS(pyfuse3.Operations):
         node = self.store.inode(inode)
         if node.is_dir:
             raise FUSEError(errno.EISDIR)
+        if flags & os.O_TRUNC and node.size:  # libfuse 3 hands O_TRUNC to open, not to setattr
+            await self.store.truncate(inode, 0)
         self._opens[inode] += 1
         return pyfuse3.FileInfo(fh=inode)
 
@@ -322,7 +394,47 @@ class TempFS(pyfuse3.Operations):
 
     async def release(self, fh):
         self._opens[fh] -= 1
+        if self._opens[fh] <= 0 and fh in self._waiting:
+            self._reaper_wake.set()  # it outlived its deadline while open
         self._release_if_unused(fh)
+
+    # ---- expiry --------------------------------------------------------------------------
+    async def run_reaper(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Reclaims entries past their deadline, earliest first, waking when the next one falls
+        due (or when a TTL or a close may have made one due)."""
+        task_status.started()
+        while True:
+            now = self.store.clock()
+            await self.reap(now)
+            upcoming = self.store.next_deadline(after=now)
+            nap = REAPER_NAP if upcoming is None else min(REAPER_NAP, (upcoming - now) / 1e9)
+            with trio.move_on_after(max(nap, 0.0)):
+                await self._reaper_wake.wait()
+            self._reaper_wake = trio.Event()
+
+    async def reap(self, now: int) -> int:
+        """One pass: every entry due at `now` goes, but open files (they go at their last close)
+        and folders that still hold entries (they go once empty)."""
+        gone: list[tuple[int, bytes, int]] = []
+        self._waiting.clear()  # what waited (closed since, emptied since) is looked at again
+        while due := [ino for ino in self.store.due(now, REAP_BATCH + len(self._waiting))
+                      if ino not in self._waiting]:
+            for ino in due:
+                node = self.store.inode(ino)
+                if self._opens[ino] > 0 or (node.is_dir and not self.store.is_empty(ino)):
+                    self._waiting.add(ino)
+                    continue
+                for parent, name in self.store.expire(ino):
+                    gone.append((parent, name, ino))
+                    self._waiting.discard(parent)  # a folder waiting for this entry may go now
+                self._release_if_unused(ino)
+        for parent, name, _ino in gone:
+            # queued to pyfuse3's notify thread: calling the kernel from here could deadlock
+            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+        if gone:
+            self.stats["expired"] += len(gone)
+            log.info("expired %d entries", len(gone))
+        return len(gone)
 
     # ---- the filesystem ------------------------------------------------------------------
     @_errors
@@ -348,6 +460,7 @@ class TempFS(pyfuse3.Operations):
             "pid": os.getpid(), "version": __version__, "uptime_seconds": round(time.time() - self.started, 1),
             "store": str(self.store.path), "dirty_bytes": self.store.blocks.dirty_bytes,
             "refused": self.stats["refused"], "integrity_errors": self.stats["integrity_errors"],
+            "expired": self.stats["expired"],
         }
         return usage
 

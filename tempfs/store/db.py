@@ -16,7 +16,12 @@ from typing import Any, Callable, Iterable, Optional
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# An entry's deadline: its last change inside tempfs (ctime, which programs cannot set back)
+# plus its policy's max_age, or earlier if a program shortened it (user.tempfs.ttl).
+_EXPIRES = ("CASE WHEN life_ns IS NULL THEN ttl_deadline_ns "
+            "ELSE min(ctime_ns + life_ns, coalesce(ttl_deadline_ns, ctime_ns + life_ns)) END")
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB);
@@ -27,9 +32,14 @@ CREATE TABLE inodes (
     atime_ns INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
     kind INTEGER NOT NULL DEFAULT 0,      -- layout.Kind
     area TEXT,                            -- top-level schema folder, NULL for the root
-    target BLOB                           -- symlink target
+    target BLOB,                          -- symlink target
+    policy TEXT,                          -- the schema folder whose policy applies
+    life_ns INTEGER,                      -- its max_age; NULL: no expiry by age
+    ttl_deadline_ns INTEGER,              -- a deadline a program set (user.tempfs.ttl)
+    expires_ns INTEGER GENERATED ALWAYS AS ({expires}) VIRTUAL
 );
 CREATE INDEX inodes_area ON inodes(area);
+CREATE INDEX inodes_expires ON inodes(expires_ns) WHERE expires_ns IS NOT NULL;
 CREATE TABLE entries (
     id INTEGER PRIMARY KEY AUTOINCREMENT, -- stable readdir offset
     parent INTEGER NOT NULL, name BLOB NOT NULL, inode INTEGER NOT NULL,
@@ -49,7 +59,7 @@ CREATE TABLE xattrs (
     inode INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (inode, name)
 ) WITHOUT ROWID;
-"""
+""".format(expires=_EXPIRES)
 
 
 class Database:
@@ -77,6 +87,20 @@ class Database:
         """Creates the tables in a transaction left open for the caller to fill and commit."""
         self.conn.executescript("BEGIN;" + _SCHEMA)
         self.set_meta("schema_version", SCHEMA_VERSION)
+
+    def migrate(self) -> None:
+        """Brings a store written by an older tempfs up to SCHEMA_VERSION."""
+        version = self.get_meta("schema_version")
+        if version == 1:  # expiry columns
+            for column in ("policy TEXT", "life_ns INTEGER", "ttl_deadline_ns INTEGER"):
+                self.conn.execute(f"ALTER TABLE inodes ADD COLUMN {column}")
+            self.conn.execute(f"ALTER TABLE inodes ADD COLUMN expires_ns INTEGER "
+                              f"GENERATED ALWAYS AS ({_EXPIRES}) VIRTUAL")
+            self.conn.execute("CREATE INDEX inodes_expires ON inodes(expires_ns) WHERE expires_ns IS NOT NULL")
+            self.set_meta("schema_version", 2)
+            self.commit()()
+        elif version != SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"schema version {version!r} is newer than this tempfs ({SCHEMA_VERSION})")
 
     def get_meta(self, key: str) -> Any:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

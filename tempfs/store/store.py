@@ -72,6 +72,8 @@ class Inode:
     kind: int
     area: Optional[str]
     target: Optional[bytes]
+    policy: Optional[str]
+    expires_ns: Optional[int]
 
     @property
     def is_dir(self) -> bool:
@@ -79,7 +81,8 @@ class Inode:
 
 
 _S_IFMT = 0o170000  # the file-type bits of st_mode
-_INODE_COLUMNS = "id, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, target"
+_INODE_COLUMNS = ("id, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, target, "
+                  "policy, expires_ns")
 _SETTABLE = {"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns"}
 
 
@@ -101,6 +104,7 @@ class Store:
         except BaseException:
             os.close(self._lock_fd)
             raise
+        self.lifetimes: dict[str, Optional[int]] = {}
         self.objects = ObjectFiles(path / "objects")
         self.blocks = BlockStore(self.db, self.objects, codec, BLOCK_SIZE, dirty_limit, cache_limit)
         self._purge_unlinked()
@@ -117,6 +121,8 @@ class Store:
             self.db.commit(durable=True)()
         elif self.db.get_meta("key_check") != codec.key_check_value():
             raise WrongKeyError(f"{self.path}: the key does not open this store (wrong key file?)")
+        else:
+            self.db.migrate()
 
     def close(self) -> None:
         self.objects.sync()
@@ -183,9 +189,10 @@ class Store:
         area = folder.area if folder.area is not None else name.decode(errors="surrogateescape")
         size = len(target) if target is not None else 0
         cur = self.db.execute(
-            "INSERT INTO inodes(mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, target) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (mode, uid, gid, size, 2 if is_dir else 1, rdev, now, now, now, kind, area, target))
+            "INSERT INTO inodes(mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, target, "
+            "policy, life_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (mode, uid, gid, size, 2 if is_dir else 1, rdev, now, now, now, kind, area, target,
+             folder.policy, self.lifetimes.get(folder.policy)))
         self._add_entry(parent, name, cur.lastrowid, now, dir_delta=int(is_dir))
         return self.inode(cur.lastrowid)
 
@@ -270,14 +277,16 @@ class Store:
         delta = 1 if node.is_dir and old_parent != new_parent else 0
         self._touch_folder(old_parent, now, -delta)
         self._touch_folder(new_parent, now, delta)
-        area = self._folder(new_parent).area
-        if area is not None and area != node.area:
-            self._set_area(node.id, area)
+        folder = self._folder(new_parent)
+        if (folder.area, folder.policy) != (node.area, node.policy):
+            self._adopt(node.id, folder)
 
-    def _set_area(self, ino: int, area: str) -> None:
+    def _adopt(self, ino: int, folder: Inode) -> None:
+        """A subtree moved into `folder`: it takes the folder's area and expiry policy."""
         self.db.execute(
             "WITH RECURSIVE sub(id) AS (SELECT ? UNION SELECT e.inode FROM entries e JOIN sub ON e.parent = sub.id) "
-            "UPDATE inodes SET area=? WHERE id IN (SELECT id FROM sub)", (ino, area))
+            "UPDATE inodes SET area=?, policy=?, life_ns=? WHERE id IN (SELECT id FROM sub)",
+            (ino, folder.area, folder.policy, self.lifetimes.get(folder.policy)))
 
     def _folder(self, ino: int) -> Inode:
         folder = self.inode(ino)
@@ -288,6 +297,45 @@ class Store:
     def _add_entry(self, parent: int, name: bytes, ino: int, now: int, dir_delta: int) -> None:
         self.db.execute("INSERT INTO entries(parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino))
         self._touch_folder(parent, now, dir_delta)
+
+    def expire(self, ino: int) -> list[tuple[int, bytes]]:
+        """Removes every name of an entry whose deadline passed, as if deleted, and returns the
+        (folder, name) pairs it had. The folders' own times and deadlines stay as they were:
+        an expiry is not a change a program made there."""
+        names = self.db.execute("SELECT parent, name FROM entries WHERE inode=?", (ino,)).fetchall()
+        node = self.inode(ino)
+        self.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
+        # no deadline any more: it leaves the index the reaper reads, waiting for the kernel to forget it
+        self.db.execute("UPDATE inodes SET nlink=0, life_ns=NULL, ttl_deadline_ns=NULL WHERE id=?", (ino,))
+        if node.is_dir:
+            for parent, _name in names:
+                self.db.execute("UPDATE inodes SET nlink=nlink-1 WHERE id=?", (parent,))
+        return names
+
+    def due(self, now: int, limit: int) -> list[int]:
+        """Entries whose deadline has passed, earliest first (an index range: the cost grows with
+        what is due, not with the tree)."""
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM inodes WHERE expires_ns <= ? ORDER BY expires_ns LIMIT ?", (now, limit))]
+
+    def next_deadline(self, after: int = -1) -> Optional[int]:
+        row = self.db.one("SELECT min(expires_ns) FROM inodes WHERE expires_ns > ?", (after,))
+        return row[0]
+
+    def set_ttl(self, ino: int, seconds: Optional[float]) -> None:
+        """Shortens an entry's life to `seconds` from now (never past its policy's max_age);
+        None gives it back its policy's life."""
+        deadline = None if seconds is None else self.clock() + int(seconds * 1e9)
+        self.db.execute("UPDATE inodes SET ttl_deadline_ns=? WHERE id=?", (deadline, ino))
+
+    def is_empty(self, ino: int) -> bool:
+        return not self.children(ino, limit=1)
+
+    def apply_policies(self, lifetimes: dict[str, Optional[int]]) -> None:
+        """Sets each policy's max_age (ns, None for no expiry by age) on every entry it governs."""
+        self.lifetimes = dict(lifetimes)
+        for policy, life in lifetimes.items():
+            self.db.execute("UPDATE inodes SET life_ns=? WHERE policy=? AND kind=?", (life, policy, Kind.FREE))
 
     def _remove_entry(self, parent: int, name: bytes, node: Inode, now: int) -> None:
         self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, name))
@@ -394,8 +442,9 @@ class Store:
     def stored_bytes(self) -> int:
         return self.db.one("SELECT COALESCE(SUM(stored_size), 0) FROM objects")[0]
 
-    def ensure_folder(self, path: str, kind: int, mode: int, uid: int, gid: int) -> int:
-        """Makes sure a schema folder exists with `kind` and returns its inode."""
+    def ensure_folder(self, path: str, kind: int, mode: int, uid: int, gid: int, policy: Optional[str] = None) -> int:
+        """Makes sure a schema folder exists with `kind` and `policy` (which its new entries
+        inherit) and returns its inode. Schema folders never expire."""
         parent = ROOT_INODE
         parts = path.split("/")
         for i, part in enumerate(parts):
@@ -406,7 +455,8 @@ class Store:
             elif not self.inode(ino).is_dir:
                 raise StoreOpenError(f"{path}: the store has a non-folder where the config declares a schema folder")
             parent = ino
-        self.db.execute("UPDATE inodes SET kind=? WHERE id=?", (kind, parent))
+        self.db.execute("UPDATE inodes SET kind=?, policy=?, life_ns=NULL, ttl_deadline_ns=NULL WHERE id=?",
+                        (kind, policy, parent))
         return parent
 
     def unmark_schema(self, keep: Iterable[int]) -> list[str]:

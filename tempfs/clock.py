@@ -1,0 +1,36 @@
+"""The daemon's clock: wall time in nanoseconds, injectable so that tests can move time.
+
+With TEMPFS_TEST_CLOCK_FILE set, the clock is the wall clock plus the number of seconds
+written in that file (read at every call), so a test ages every entry by hours in one write.
+It is meant for tests only: the daemon logs a warning when it is in use.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], int]
+TEST_CLOCK_ENV = "TEMPFS_TEST_CLOCK_FILE"
+
+
+def offset_clock(path: str) -> Clock:
+    def now() -> int:
+        try:
+            with open(path) as f:
+                offset = float(f.read().strip() or 0)
+        except (OSError, ValueError):
+            offset = 0.0
+        return time.time_ns() + int(offset * 1e9)
+    return now
+
+
+def daemon_clock() -> Clock:
+    path = os.environ.get(TEST_CLOCK_ENV)
+    if path:
+        log.warning("test clock in use: wall time plus the seconds in %s", path)
+        return offset_clock(path)
+    return time.time_ns
