@@ -52,9 +52,23 @@ def _errors(method):
             log.error("integrity error: %s: %s", self.store.path_of(e.inode), e.reason)
             self.stats["integrity_errors"] += 1
             raise FUSEError(errno.EIO) from None
+        except OSError as e:  # the disk under the store: ENOSPC, EIO, ...
+            log.error("%s failed: %s", method.__name__, e)
+            raise FUSEError(e.errno or errno.EIO) from None
         except Exception:
             log.exception("%s failed", method.__name__)
             raise FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def _logged(method):
+    """For requests that cannot answer with an errno (forget, release): log, never raise."""
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await method(self, *args, **kwargs)
+        except Exception:
+            log.exception("%s failed", method.__name__)
     return wrapper
 
 
@@ -162,6 +176,7 @@ class TempFS(pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):
         return self._attributes(self.store.inode(inode))
 
+    @_logged
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             self._lookups[ino] -= count
@@ -185,6 +200,7 @@ class TempFS(pyfuse3.Operations):
         in a set-group-ID folder, the folder's group (and a new folder keeps the bit)."""
         is_dir = stat.S_ISDIR(mode)
         self._check_create(parent, name, is_dir, ctx)
+        self._clear_expired(parent, name)
         if not stat.S_ISLNK(mode):
             mode &= ~ctx.umask
         gid = ctx.gid
@@ -205,6 +221,7 @@ class TempFS(pyfuse3.Operations):
     @_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
         self._check_create(new_parent_inode, new_name, False, ctx)
+        self._clear_expired(new_parent_inode, new_name)
         return self._entry(self.store.link(inode, new_parent_inode, new_name))
 
     @_errors
@@ -233,6 +250,7 @@ class TempFS(pyfuse3.Operations):
         node = self.store.inode(ino)
         old_path = self._child_path(parent_inode_old, name_old)
         self._check_schema(node, "renamed", ctx, old_path)
+        self._clear_expired(parent_inode_new, name_new)
         target_ino = self.store.lookup(parent_inode_new, name_new)
         if target_ino is not None:
             self._check_schema(self.store.inode(target_ino), "replaced", ctx, self._child_path(parent_inode_new, name_new))
@@ -392,6 +410,7 @@ class TempFS(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         await self.store.fsync(fh)
 
+    @_logged
     async def release(self, fh):
         self._opens[fh] -= 1
         if self._opens[fh] <= 0 and fh in self._waiting:
@@ -405,7 +424,11 @@ class TempFS(pyfuse3.Operations):
         task_status.started()
         while True:
             now = self.store.clock()
-            await self.reap(now)
+            try:
+                await self.reap(now)
+            except Exception:
+                self.stats["cleanup_failures"] += 1
+                log.exception("cleanup pass failed; retrying")
             upcoming = self.store.next_deadline(after=now)
             nap = REAPER_NAP if upcoming is None else min(REAPER_NAP, (upcoming - now) / 1e9)
             with trio.move_on_after(max(nap, 0.0)):
@@ -415,7 +438,7 @@ class TempFS(pyfuse3.Operations):
     async def reap(self, now: int) -> int:
         """One pass: every entry due at `now` goes, but open files (they go at their last close)
         and folders that still hold entries (they go once empty)."""
-        gone: list[tuple[int, bytes, int]] = []
+        gone: list[tuple[int, bytes]] = []
         self._waiting.clear()  # what waited (closed since, emptied since) is looked at again
         while due := [ino for ino in self.store.due(now, REAP_BATCH + len(self._waiting))
                       if ino not in self._waiting]:
@@ -424,17 +447,26 @@ class TempFS(pyfuse3.Operations):
                 if self._opens[ino] > 0 or (node.is_dir and not self.store.is_empty(ino)):
                     self._waiting.add(ino)
                     continue
-                for parent, name in self.store.expire(ino):
-                    gone.append((parent, name, ino))
-                    self._waiting.discard(parent)  # a folder waiting for this entry may go now
-                self._release_if_unused(ino)
-        for parent, name, _ino in gone:
-            # queued to pyfuse3's notify thread: calling the kernel from here could deadlock
-            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+                gone += self._expire(ino)
         if gone:
             self.stats["expired"] += len(gone)
             log.info("expired %d entries", len(gone))
         return len(gone)
+
+    def _expire(self, ino: int) -> list[tuple[int, bytes]]:
+        names = self.store.expire(ino)
+        for parent, name in names:
+            self._waiting.discard(parent)  # a folder waiting for this entry may go now
+            # queued to pyfuse3's notify thread: calling the kernel from here could deadlock
+            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+        self._release_if_unused(ino)
+        return names
+
+    def _clear_expired(self, parent: int, name: bytes) -> None:
+        """A name past its deadline that the reaper has not reached yet is free for reuse."""
+        ino = self.store.lookup(parent, name)
+        if ino is not None and self._hidden(self.store.inode(ino)):
+            self._expire(ino)
 
     # ---- the filesystem ------------------------------------------------------------------
     @_errors
@@ -460,7 +492,7 @@ class TempFS(pyfuse3.Operations):
             "pid": os.getpid(), "version": __version__, "uptime_seconds": round(time.time() - self.started, 1),
             "store": str(self.store.path), "dirty_bytes": self.store.blocks.dirty_bytes,
             "refused": self.stats["refused"], "integrity_errors": self.stats["integrity_errors"],
-            "expired": self.stats["expired"],
+            "expired": self.stats["expired"], "cleanup_failures": self.stats["cleanup_failures"],
         }
         return usage
 

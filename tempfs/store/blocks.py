@@ -218,7 +218,11 @@ class BlockStore:
             pressure = self.dirty_bytes > self.dirty_limit // 2
             now = time.monotonic()
             due = [k for k, b in self.dirty.items() if pressure or now - b.since > FLUSH_AGE]
-            await self.flush_keys(due)
+            try:
+                await self.flush_keys(due)
+            except OSError as e:  # e.g. the disk under the store is full: keep the data, retry
+                log.error("cannot store written data (%s); retrying in %.0f s", e, FLUSH_AGE)
+                await trio.sleep(FLUSH_AGE)
 
     async def flush_inode(self, inode: int) -> None:
         while keys := [k for k in self.dirty if k[0] == inode]:
@@ -229,11 +233,16 @@ class BlockStore:
             await self.flush_keys(list(self.dirty))
 
     async def flush_keys(self, keys: list[tuple[int, int]]) -> None:
+        """Stores these dirty blocks. If the disk fails (ENOSPC, EIO) the blocks concerned stay
+        dirty and the first error is raised once every batch has run."""
+        failures: list[OSError] = []
         async with trio.open_nursery() as nursery:
             for i in range(0, len(keys), FLUSH_BATCH):
-                nursery.start_soon(self._flush_batch, keys[i:i + FLUSH_BATCH])
+                nursery.start_soon(self._flush_batch, keys[i:i + FLUSH_BATCH], failures)
+        if failures:
+            raise failures[0]
 
-    async def _flush_batch(self, keys: list[tuple[int, int]]) -> None:
+    async def _flush_batch(self, keys: list[tuple[int, int]], failures: list[OSError]) -> None:
         async with self._flush_slots:
             claimed: list[_Claim] = []
             busy: list[trio.Event] = []
@@ -249,6 +258,8 @@ class BlockStore:
             try:
                 if claimed:
                     await self._seal_batch(claimed)
+            except OSError as e:
+                failures.append(e)
             finally:
                 for claim in claimed:
                     claim.block.flushing.set()
@@ -298,10 +309,15 @@ class BlockStore:
 
     def _seal_and_write_many(self, items: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
         out = []
-        for object_id, plain in items:
-            sealed, wrapped_key = self.codec.seal(object_id, plain)
-            self.objects.write(object_id, sealed)
-            out.append((len(sealed), wrapped_key))
+        try:
+            for object_id, plain in items:
+                sealed, wrapped_key = self.codec.seal(object_id, plain)
+                self.objects.write(object_id, sealed)
+                out.append((len(sealed), wrapped_key))
+        except OSError:
+            for object_id, _ in items[:len(out)]:  # nothing references them yet
+                self.objects.remove(object_id)
+            raise
         return out
 
     def _object_of(self, digest: bytes) -> Optional[int]:

@@ -148,7 +148,10 @@ class Store:
         while True:
             await trio.sleep(COMMIT_INTERVAL)
             if self.db.dirty:
-                await self.commit()
+                try:
+                    await self.commit()
+                except (sqlite3.Error, OSError) as e:  # e.g. the disk is full: the changes wait
+                    log.error("cannot commit metadata (%s); retrying", e)
 
     # ---- inodes and names ----------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
