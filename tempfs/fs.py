@@ -159,14 +159,18 @@ class TempFS(pyfuse3.Operations):
                 self.store.remove_inode(ino)
 
     # ---- names ---------------------------------------------------------------------------
-    @_errors
-    async def lookup(self, parent_inode, name, ctx=None):
+    def _named(self, parent: int, name: bytes) -> Inode:
+        """The entry `name` in folder `parent` refers to."""
         if len(name) > NAME_MAX:
             raise FUSEError(errno.ENAMETOOLONG)
-        ino = self.store.lookup(parent_inode, name)
+        ino = self.store.lookup(parent, name)
         if ino is None:
             raise FUSEError(errno.ENOENT)
-        node = self.store.inode(ino)
+        return self.store.inode(ino)
+
+    @_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        node = self._named(parent_inode, name)
         if self._hidden(node):
             self._reaper_wake.set()
             raise FUSEError(errno.ENOENT)
@@ -233,10 +237,7 @@ class TempFS(pyfuse3.Operations):
         await self._remove(parent_inode, name, ctx, want_dir=True)
 
     async def _remove(self, parent: int, name: bytes, ctx, want_dir: bool) -> None:
-        ino = self.store.lookup(parent, name)
-        if ino is None:
-            raise FUSEError(errno.ENOENT)
-        self._check_schema(self.store.inode(ino), "removed", ctx, self._child_path(parent, name))
+        self._check_schema(self._named(parent, name), "removed", ctx, self._child_path(parent, name))
         node = self.store.unlink(parent, name, want_dir=want_dir)
         self._release_if_unused(node.id)
 
@@ -244,10 +245,7 @@ class TempFS(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         if len(name_new) > NAME_MAX:
             raise FUSEError(errno.ENAMETOOLONG)
-        ino = self.store.lookup(parent_inode_old, name_old)
-        if ino is None:
-            raise FUSEError(errno.ENOENT)
-        node = self.store.inode(ino)
+        node = self._named(parent_inode_old, name_old)
         old_path = self._child_path(parent_inode_old, name_old)
         self._check_schema(node, "renamed", ctx, old_path)
         self._clear_expired(parent_inode_new, name_new)
