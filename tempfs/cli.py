@@ -280,8 +280,10 @@ def format_status(mountpoint: Path, status: dict) -> str:
     lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
               for r in rows]
     d = status["daemon"]
+    lines.append(f"  dirty blocks in memory: {_size(d['dirty_bytes'])} (stored within seconds)")
     lines.append(f"  daemon pid {d['pid']}, version {d['version']}, up {d['uptime_seconds']:.0f} s, "
-                 f"store {d['store']}, refused {d['refused']}, integrity errors {d['integrity_errors']}")
+                 f"store {d['store']}, refused {d['refused']}, integrity errors {d['integrity_errors']}, "
+                 f"expired {d.get('expired', 0)}")
     return "\n".join(lines)
 
 
