@@ -40,7 +40,7 @@ def build(store: Store, entries: int, due: int, now: int) -> None:
     store.db.conn.executemany(
         "INSERT INTO entries(parent, name, inode) VALUES (?, ?, ?)",
         ((leaves[i % 3], f"f{i:08d}".encode(), first + i) for i in range(entries)))
-    store.db.commit()()
+    store.commit_now()
 
 
 def reap_pass(store: Store, now: int) -> int:
@@ -50,7 +50,7 @@ def reap_pass(store: Store, now: int) -> int:
             store.expire(ino)
             store.remove_inode(ino)  # the kernel has forgotten it (no lookups in this benchmark)
             reaped += 1
-    store.db.commit()()
+    store.commit_now()
     return reaped
 
 

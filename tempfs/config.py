@@ -126,11 +126,14 @@ class Config:
         ``path`` is relative to the mount root (leading/trailing "/" ignored) and may lie below a
         schema folder. KeyError when it is not inside any area (e.g. the root).
         """
+        return self.policies[self.policy_key(path)]
+
+    def policy_key(self, path: str) -> str:
+        """The deepest configured folder that is ``path`` or an ancestor of it (see policy_for)."""
         key = path.strip("/")
         while key:
-            found = self.policies.get(key)
-            if found is not None:
-                return found
+            if key in self.policies:
+                return key
             cut = key.rfind("/")
             key = key[:cut] if cut > 0 else ""
         raise KeyError(f"{path!r} is not inside an area of the tree")

@@ -27,18 +27,11 @@ def prepare_tree(store: Store, config: Config) -> None:
     store.apply_policies({path: int(policy.max_age * 1e9) if policy.auto_cleanup else None
                           for path, policy in config.policies.items()})
     keep = [store.ensure_folder(path, kinds[path], SCHEMA_FOLDER_MODE, os.getuid(), os.getgid(),
-                                policy=_policy_key(config, path))
+                                policy=config.policy_key(path))
             for path in config.folders]
     for path in store.unmark_schema(keep):
         log.warning("%s is no longer declared by the config: it is now an ordinary folder", path)
-    store.db.commit()()
-
-
-def _policy_key(config: Config, path: str) -> str:
-    """The deepest configured folder that is `path` or above it."""
-    while path not in config.policies:
-        path = path.rsplit("/", 1)[0]
-    return path
+    store.commit_now()
 
 
 def mount_options(store_path: Path) -> set[str]:

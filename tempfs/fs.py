@@ -134,12 +134,15 @@ class TempFS(pyfuse3.Operations):
         base = self.store.path_of(parent).rstrip("/")
         return f"{base}/{name.decode(errors='replace')}"
 
-    def _check_create(self, parent: int, name: bytes, is_dir: bool, ctx) -> None:
+    def _check_create(self, parent: int, name: bytes, is_dir: bool, ctx) -> Inode:
+        """Returns the folder `parent` if the layout lets `name` be made there."""
         if len(name) > NAME_MAX:
             raise FUSEError(errno.ENAMETOOLONG)
-        reason = layout.create_refusal(self.store.inode(parent).kind, is_dir)
+        folder = self.store.inode(parent)
+        reason = layout.create_refusal(folder.kind, is_dir)
         if reason:
             raise self._refuse(reason, ctx, self._child_path(parent, name))
+        return folder
 
     def _check_schema(self, node: Inode, action: str, ctx, path: str) -> None:
         reason = layout.schema_refusal(node.kind, action)
@@ -203,12 +206,11 @@ class TempFS(pyfuse3.Operations):
         """Creates an entry where the layout allows it, with the owner Linux would give it:
         in a set-group-ID folder, the folder's group (and a new folder keeps the bit)."""
         is_dir = stat.S_ISDIR(mode)
-        self._check_create(parent, name, is_dir, ctx)
+        folder = self._check_create(parent, name, is_dir, ctx)
         self._clear_expired(parent, name)
         if not stat.S_ISLNK(mode):
             mode &= ~ctx.umask
         gid = ctx.gid
-        folder = self.store.inode(parent)
         if folder.mode & stat.S_ISGID:
             gid = folder.gid
             if is_dir:

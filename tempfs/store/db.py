@@ -98,7 +98,7 @@ class Database:
                               f"GENERATED ALWAYS AS ({_EXPIRES}) VIRTUAL")
             self.conn.execute("CREATE INDEX inodes_expires ON inodes(expires_ns) WHERE expires_ns IS NOT NULL")
             self.set_meta("schema_version", 2)
-            self.commit()()
+            self.commit()
         elif version != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version!r} is newer than this tempfs ({SCHEMA_VERSION})")
 
@@ -130,9 +130,13 @@ class Database:
     def dirty(self) -> bool:
         return self.conn.in_transaction or bool(self._after_commit)
 
-    def commit(self, durable: bool = False) -> Callable[[], None]:
-        """Commits, and returns the after-commit work now due as one callable, which the
-        caller runs (a worker thread may: it only touches files)."""
+    def commit(self, durable: bool = False) -> None:
+        """Commits and runs the after-commit work at once."""
+        self.commit_deferred(durable)()
+
+    def commit_deferred(self, durable: bool = False) -> Callable[[], None]:
+        """Commits, and returns the after-commit work now due as one callable for the caller
+        to run later, e.g. in a worker thread (it only touches files)."""
         self.conn.commit()
         if self._shred:
             self._shred = False
@@ -154,7 +158,7 @@ class Database:
             os.close(fd)
 
     def close(self) -> None:
-        self.commit()()
+        self.commit()
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.conn.close()
 

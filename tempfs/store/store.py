@@ -108,7 +108,7 @@ class Store:
         self.objects = ObjectFiles(path / "objects")
         self.blocks = BlockStore(self.db, self.objects, codec, BLOCK_SIZE, dirty_limit, cache_limit)
         self._purge_unlinked()
-        self.db.commit()()
+        self.commit_now()
 
     def _check_key(self, codec: ContentCodec) -> None:
         if self.db.is_new:
@@ -118,7 +118,7 @@ class Store:
             self.db.execute("INSERT INTO inodes(id, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns, kind) "
                             "VALUES (?, ?, ?, ?, 2, ?, ?, ?, ?)",
                             (ROOT_INODE, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), now, now, now, Kind.ROOT))
-            self.db.commit(durable=True)()
+            self.db.commit(durable=True)
         elif self.db.get_meta("key_check") != codec.key_check_value():
             raise WrongKeyError(f"{self.path}: the key does not open this store (wrong key file?)")
         else:
@@ -141,7 +141,11 @@ class Store:
         if durable:
             await trio.to_thread.run_sync(self.objects.sync)
         if durable or self.db.dirty:
-            await trio.to_thread.run_sync(self.db.commit(durable))
+            await trio.to_thread.run_sync(self.db.commit_deferred(durable))
+
+    def commit_now(self) -> None:
+        """Commits from synchronous code (opening, laying out the tree, tools)."""
+        self.db.commit()
 
     async def run_committer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
