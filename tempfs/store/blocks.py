@@ -61,6 +61,7 @@ class BlockStore:
         self._flush_slots = trio.CapacityLimiter(FLUSH_PARALLELISM)
         self._flush_wanted = trio.Event()  # stays set until the flusher takes it: no lost wake-up
         self._room_lot = trio.lowlevel.ParkingLot()
+        self.in_flight: set[int] = set()  # object files being written, not yet in the object table
 
     # ---- reading -------------------------------------------------------------------------
     async def read(self, inode: int, offset: int, size: int, file_size: int) -> bytes:
@@ -276,7 +277,12 @@ class BlockStore:
             claim.digest = digest
             if digest is not None and digest not in new and self._object_of(digest) is None:
                 new[digest] = (secrets.randbits(63), claim.plain)
-        written = await trio.to_thread.run_sync(self._seal_and_write_many, list(new.values()))
+        ids = {object_id for object_id, _ in new.values()}
+        self.in_flight |= ids
+        try:
+            written = await trio.to_thread.run_sync(self._seal_and_write_many, list(new.values()))
+        finally:
+            self.in_flight -= ids
         for digest, (object_id, plain), (stored_size, wrapped_key) in zip(new, new.values(), written):
             if self._object_of(digest) is not None:  # a concurrent batch stored it first
                 self.objects.remove(object_id)
@@ -330,8 +336,9 @@ class BlockStore:
         if object_id is None:
             self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", key)
         else:
-            self.db.execute("INSERT OR REPLACE INTO blocks(inode, blockno, object) VALUES (?, ?, ?)",
-                            (*key, object_id))
+            # an upsert, not INSERT OR REPLACE: REPLACE deletes without firing the accounting triggers
+            self.db.execute("INSERT INTO blocks(inode, blockno, object) VALUES (?, ?, ?) "
+                            "ON CONFLICT (inode, blockno) DO UPDATE SET object=excluded.object", (*key, object_id))
         if old is not None:
             self._decref(old)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # An entry's deadline: its last change inside tempfs (ctime, which programs cannot set back)
 # plus its policy's max_age, or earlier if a program shortened it (user.tempfs.ttl).
@@ -36,10 +36,13 @@ CREATE TABLE inodes (
     policy TEXT,                          -- the schema folder whose policy applies
     life_ns INTEGER,                      -- its max_age; NULL: no expiry by age
     ttl_deadline_ns INTEGER,              -- a deadline a program set (user.tempfs.ttl)
-    expires_ns INTEGER GENERATED ALWAYS AS ({expires}) VIRTUAL
+    expires_ns INTEGER GENERATED ALWAYS AS ({expires}) VIRTUAL,
+    used_ns INTEGER,                      -- last open or close: least recently used goes first
+    stored_bytes INTEGER NOT NULL DEFAULT 0  -- sum of its blocks' stored sizes (kept by triggers)
 );
 CREATE INDEX inodes_area ON inodes(area);
 CREATE INDEX inodes_expires ON inodes(expires_ns) WHERE expires_ns IS NOT NULL;
+CREATE INDEX inodes_lru ON inodes(area, used_ns);
 CREATE TABLE entries (
     id INTEGER PRIMARY KEY AUTOINCREMENT, -- stable readdir offset
     parent INTEGER NOT NULL, name BLOB NOT NULL, inode INTEGER NOT NULL,
@@ -60,6 +63,90 @@ CREATE TABLE xattrs (
     PRIMARY KEY (inode, name)
 ) WITHOUT ROWID;
 """.format(expires=_EXPIRES)
+
+# Stored bytes, kept exact by triggers in the same transaction as the change that moves them,
+# so a limit check is one indexed read and a crash never leaves the counters behind the data.
+# An area pays for each object it references once (area_objects counts its references), however
+# many of its blocks share it; an object shared by two areas counts in both. `totals` holds the
+# whole store's figures, each object once, as on disk.
+_ACCOUNTING = """
+CREATE TABLE area_objects (
+    area TEXT NOT NULL, object INTEGER NOT NULL, refs INTEGER NOT NULL,
+    PRIMARY KEY (area, object)
+) WITHOUT ROWID;
+CREATE TABLE area_usage (area TEXT PRIMARY KEY, stored_bytes INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE totals (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO totals VALUES ('stored_bytes', 0), ('objects', 0);
+
+CREATE TRIGGER object_added AFTER INSERT ON objects BEGIN
+    UPDATE totals SET value = value + NEW.stored_size WHERE name = 'stored_bytes';
+    UPDATE totals SET value = value + 1 WHERE name = 'objects';
+END;
+CREATE TRIGGER object_removed AFTER DELETE ON objects BEGIN
+    UPDATE totals SET value = value - OLD.stored_size WHERE name = 'stored_bytes';
+    UPDATE totals SET value = value - 1 WHERE name = 'objects';
+END;
+
+CREATE TRIGGER block_added AFTER INSERT ON blocks BEGIN
+    UPDATE inodes SET stored_bytes = stored_bytes + (SELECT stored_size FROM objects WHERE id = NEW.object)
+        WHERE id = NEW.inode;
+    INSERT INTO area_objects(area, object, refs)
+        SELECT area, NEW.object, 1 FROM inodes WHERE id = NEW.inode AND area IS NOT NULL
+        ON CONFLICT (area, object) DO UPDATE SET refs = refs + 1;
+END;
+CREATE TRIGGER block_removed AFTER DELETE ON blocks BEGIN
+    UPDATE inodes SET stored_bytes = stored_bytes - (SELECT stored_size FROM objects WHERE id = OLD.object)
+        WHERE id = OLD.inode;
+    UPDATE area_objects SET refs = refs - 1
+        WHERE object = OLD.object AND area = (SELECT area FROM inodes WHERE id = OLD.inode);
+    DELETE FROM area_objects
+        WHERE object = OLD.object AND area = (SELECT area FROM inodes WHERE id = OLD.inode) AND refs <= 0;
+END;
+CREATE TRIGGER block_remapped AFTER UPDATE OF object ON blocks BEGIN
+    UPDATE inodes SET stored_bytes = stored_bytes - (SELECT stored_size FROM objects WHERE id = OLD.object)
+        + (SELECT stored_size FROM objects WHERE id = NEW.object) WHERE id = NEW.inode;
+    UPDATE area_objects SET refs = refs - 1
+        WHERE object = OLD.object AND area = (SELECT area FROM inodes WHERE id = OLD.inode);
+    DELETE FROM area_objects
+        WHERE object = OLD.object AND area = (SELECT area FROM inodes WHERE id = OLD.inode) AND refs <= 0;
+    INSERT INTO area_objects(area, object, refs)
+        SELECT area, NEW.object, 1 FROM inodes WHERE id = NEW.inode AND area IS NOT NULL
+        ON CONFLICT (area, object) DO UPDATE SET refs = refs + 1;
+END;
+CREATE TRIGGER inode_changed_area AFTER UPDATE OF area ON inodes WHEN OLD.area IS NOT NEW.area BEGIN
+    INSERT INTO area_objects(area, object, refs)
+        SELECT NEW.area, object, COUNT(*) FROM blocks WHERE inode = NEW.id AND NEW.area IS NOT NULL
+        GROUP BY object
+        ON CONFLICT (area, object) DO UPDATE SET refs = refs + excluded.refs;
+    UPDATE area_objects SET refs = refs - (SELECT COUNT(*) FROM blocks
+                                           WHERE inode = NEW.id AND object = area_objects.object)
+        WHERE area = OLD.area AND object IN (SELECT object FROM blocks WHERE inode = NEW.id);
+    DELETE FROM area_objects WHERE area = OLD.area AND refs <= 0;
+END;
+
+CREATE TRIGGER area_object_added AFTER INSERT ON area_objects BEGIN
+    INSERT INTO area_usage(area, stored_bytes)
+        VALUES (NEW.area, (SELECT stored_size FROM objects WHERE id = NEW.object))
+        ON CONFLICT (area) DO UPDATE SET stored_bytes = stored_bytes + excluded.stored_bytes;
+END;
+CREATE TRIGGER area_object_removed AFTER DELETE ON area_objects BEGIN
+    UPDATE area_usage SET stored_bytes = stored_bytes - (SELECT stored_size FROM objects WHERE id = OLD.object)
+        WHERE area = OLD.area;
+END;
+"""
+
+# Recomputes every counter from the block map (a migration, or a repair by the check).
+_RECOUNT = """
+DELETE FROM area_objects;
+DELETE FROM area_usage;
+INSERT INTO area_objects(area, object, refs)
+    SELECT i.area, b.object, COUNT(*) FROM blocks b JOIN inodes i ON i.id = b.inode
+    WHERE i.area IS NOT NULL GROUP BY i.area, b.object;
+UPDATE inodes SET stored_bytes = coalesce((SELECT SUM(o.stored_size) FROM blocks b JOIN objects o ON o.id = b.object
+                                           WHERE b.inode = inodes.id), 0);
+UPDATE totals SET value = (SELECT coalesce(SUM(stored_size), 0) FROM objects) WHERE name = 'stored_bytes';
+UPDATE totals SET value = (SELECT COUNT(*) FROM objects) WHERE name = 'objects';
+"""
 
 
 class Database:
@@ -85,7 +172,7 @@ class Database:
 
     def create_schema(self) -> None:
         """Creates the tables in a transaction left open for the caller to fill and commit."""
-        self.conn.executescript("BEGIN;" + _SCHEMA)
+        self.conn.executescript("BEGIN;" + _SCHEMA + _ACCOUNTING)
         self.set_meta("schema_version", SCHEMA_VERSION)
 
     def migrate(self) -> None:
@@ -99,8 +186,32 @@ class Database:
             self.conn.execute("CREATE INDEX inodes_expires ON inodes(expires_ns) WHERE expires_ns IS NOT NULL")
             self.set_meta("schema_version", 2)
             self.commit()
+            version = 2
+        if version == 2:  # size accounting and LRU
+            self.conn.execute("BEGIN")
+            for column in ("used_ns INTEGER", "stored_bytes INTEGER NOT NULL DEFAULT 0"):
+                self.conn.execute(f"ALTER TABLE inodes ADD COLUMN {column}")
+            self.conn.execute("UPDATE inodes SET used_ns = ctime_ns")
+            self.conn.execute("CREATE INDEX inodes_lru ON inodes(area, used_ns)")
+            self._run_script(_ACCOUNTING)
+            self.recount()
+            self.set_meta("schema_version", 3)
+            self.commit()
         elif version != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version!r} is newer than this tempfs ({SCHEMA_VERSION})")
+
+    def recount(self) -> None:
+        """Recomputes the stored-bytes counters from the block map, inside the open transaction."""
+        self._run_script(_RECOUNT)
+
+    def _run_script(self, script: str) -> None:
+        # executescript() would commit first; these statements must join the caller's transaction
+        statement = ""
+        for line in script.splitlines(keepends=True):
+            statement += line
+            if sqlite3.complete_statement(statement):
+                self.conn.execute(statement)
+                statement = ""
 
     def get_meta(self, key: str) -> Any:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

@@ -74,6 +74,7 @@ class Inode:
     target: Optional[bytes]
     policy: Optional[str]
     expires_ns: Optional[int]
+    stored_bytes: int
 
     @property
     def is_dir(self) -> bool:
@@ -82,7 +83,7 @@ class Inode:
 
 _S_IFMT = 0o170000  # the file-type bits of st_mode
 _INODE_COLUMNS = ("id, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, target, "
-                  "policy, expires_ns")
+                  "policy, expires_ns, stored_bytes")
 _SETTABLE = {"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns"}
 
 
@@ -197,9 +198,9 @@ class Store:
         size = len(target) if target is not None else 0
         cur = self.db.execute(
             "INSERT INTO inodes(mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, target, "
-            "policy, life_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "policy, life_ns, used_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (mode, uid, gid, size, 2 if is_dir else 1, rdev, now, now, now, kind, area, target,
-             folder.policy, self.lifetimes.get(folder.policy)))
+             folder.policy, self.lifetimes.get(folder.policy), now))
         self._add_entry(parent, name, cur.lastrowid, now, dir_delta=int(is_dir))
         return self.inode(cur.lastrowid)
 
@@ -306,14 +307,16 @@ class Store:
         self._touch_folder(parent, now, dir_delta)
 
     def expire(self, ino: int) -> list[tuple[int, bytes]]:
-        """Removes every name of an entry whose deadline passed, as if deleted, and returns the
-        (folder, name) pairs it had. The folders' own times and deadlines stay as they were:
+        """Removes every name and the content of a closed entry whose deadline passed (or that
+        is evicted), as if deleted, and returns the (folder, name) pairs it had. The folders' own times and deadlines stay as they were:
         an expiry is not a change a program made there."""
         names = self.db.execute("SELECT parent, name FROM entries WHERE inode=?", (ino,)).fetchall()
         node = self.inode(ino)
         self.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
-        # no deadline any more: it leaves the index the reaper reads, waiting for the kernel to forget it
-        self.db.execute("UPDATE inodes SET nlink=0, life_ns=NULL, ttl_deadline_ns=NULL WHERE id=?", (ino,))
+        # Nobody has it open, and with no name nobody can open it again: its space is freed now.
+        # With no deadline it leaves the reaper's index, waiting only for the kernel to forget it.
+        self.blocks.drop_after(ino, 0)
+        self.db.execute("UPDATE inodes SET nlink=0, size=0, life_ns=NULL, ttl_deadline_ns=NULL WHERE id=?", (ino,))
         if node.is_dir:
             for parent, _name in names:
                 self.db.execute("UPDATE inodes SET nlink=nlink-1 WHERE id=?", (parent,))
@@ -334,6 +337,16 @@ class Store:
         None gives it back its policy's life."""
         deadline = None if seconds is None else self.clock() + int(seconds * 1e9)
         self.db.execute("UPDATE inodes SET ttl_deadline_ns=? WHERE id=?", (deadline, ino))
+
+    def touch_used(self, ino: int) -> None:
+        """Marks a file as used now (opened or closed): eviction takes the least recently used."""
+        self.db.execute("UPDATE inodes SET used_ns=? WHERE id=?", (self.clock(), ino))
+
+    def least_recently_used(self, area: str, limit: int, skip: int = 0) -> list[int]:
+        """Files of `area` that hold stored content, least recently used first."""
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM inodes WHERE area=? AND kind=? AND nlink>0 AND stored_bytes>0 AND (mode & ?) = ? "
+            "ORDER BY used_ns LIMIT ? OFFSET ?", (area, Kind.FREE, _S_IFMT, stat.S_IFREG, limit, skip))]
 
     def is_empty(self, ino: int) -> bool:
         return not self.children(ino, limit=1)
@@ -433,21 +446,28 @@ class Store:
                 "WHERE kind=? AND area IS NOT NULL AND (mode & ?) != ? GROUP BY area",
                 (Kind.FREE, _S_IFMT, stat.S_IFDIR)):
             areas[area] = {"files": files, "logical_bytes": logical, "stored_bytes": 0}
-        for area, stored in self.db.execute(
-                "SELECT area, SUM(stored_size) FROM (SELECT DISTINCT i.area AS area, o.id, o.stored_size "
-                "FROM blocks b JOIN inodes i ON i.id = b.inode JOIN objects o ON o.id = b.object) GROUP BY area"):
+        for area, stored in self.db.execute("SELECT area, stored_bytes FROM area_usage"):
             areas.setdefault(area, {"files": 0, "logical_bytes": 0, "stored_bytes": 0})["stored_bytes"] = stored
         files, logical = self.db.one("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM inodes "
                                      "WHERE kind=? AND (mode & ?) != ?", (Kind.FREE, _S_IFMT, stat.S_IFDIR))
-        stored, objects = self.db.one("SELECT COALESCE(SUM(stored_size), 0), COUNT(*) FROM objects")
-        total = {"files": files, "logical_bytes": logical, "stored_bytes": stored, "objects": objects}
+        total = {"files": files, "logical_bytes": logical, "stored_bytes": self.stored_bytes(),
+                 "objects": self._total("objects")}
         return {"areas": areas, "total": total}
 
     def inode_count(self) -> int:
         return self.db.one("SELECT COUNT(*) FROM inodes")[0]
 
     def stored_bytes(self) -> int:
-        return self.db.one("SELECT COALESCE(SUM(stored_size), 0) FROM objects")[0]
+        """The store's content on disk, each object once."""
+        return self._total("stored_bytes")
+
+    def area_stored(self, area: str) -> int:
+        """An area's stored bytes, each object it references once."""
+        row = self.db.one("SELECT stored_bytes FROM area_usage WHERE area=?", (area,))
+        return 0 if row is None else row[0]
+
+    def _total(self, name: str) -> int:
+        return self.db.one("SELECT value FROM totals WHERE name=?", (name,))[0]
 
     def ensure_folder(self, path: str, kind: int, mode: int, uid: int, gid: int, policy: Optional[str] = None) -> int:
         """Makes sure a schema folder exists with `kind` and `policy` (which its new entries
