@@ -30,6 +30,8 @@ _MAGIC = b"TFO1"
 _RAW, _LZ4 = 0, 1
 _HEADER = struct.Struct(">4sBQ")  # magic, format, object id
 _NONCE = 12
+_TAG = 16
+SEAL_OVERHEAD = _HEADER.size + _NONCE + _TAG  # an object is at most this much larger than its block
 # lz4.block stores the plaintext size in the frame; a hostile object must not make us allocate more.
 MAX_PLAIN_BYTES = 16 * 1024 * 1024
 
@@ -73,7 +75,7 @@ class ContentCodec:
 
     def open(self, object_id: int, sealed: bytes, wrapped_key: bytes) -> bytes:
         """Returns the plaintext block, or raises IntegrityError."""
-        if len(sealed) < _HEADER.size + _NONCE + 16:
+        if len(sealed) < SEAL_OVERHEAD:
             raise IntegrityError("object too short")
         header = sealed[: _HEADER.size]
         magic, fmt, stored_id = _HEADER.unpack(header)

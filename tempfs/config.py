@@ -66,6 +66,8 @@ SEED_LEAVES: tuple[str, ...] = (
 _HOUR = 3600.0
 _DEFAULT_DIRTY_LIMIT = 256 * MiB
 _DEFAULT_CACHE_LIMIT = 64 * MiB
+_DEFAULT_MIN_FREE = 256 * MiB
+_DEFAULT_CHECK_INTERVAL = 7 * 24 * _HOUR  # the seed's weekly whole-tree cleanup
 
 
 class ConfigError(Exception):
@@ -110,6 +112,8 @@ class Config:
     dirty_limit: int = _DEFAULT_DIRTY_LIMIT
     cache_limit: int = _DEFAULT_CACHE_LIMIT
     source: str = field(default=DEFAULTS_SOURCE, compare=False)
+    min_free: int = _DEFAULT_MIN_FREE            # bytes kept free on the store's disk; 0: no floor
+    check_interval: float = _DEFAULT_CHECK_INTERVAL  # seconds between whole-store checks
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "folders", tuple(self.folders))
@@ -251,6 +255,8 @@ def default_config_text() -> str:
         other=_policy_summary(OTHER_AREA_POLICY),
         dirty=_format_size(_DEFAULT_DIRTY_LIMIT),
         cache=_format_size(_DEFAULT_CACHE_LIMIT),
+        min_free=_format_size(_DEFAULT_MIN_FREE),
+        check=_format_duration(_DEFAULT_CHECK_INTERVAL),
     )
 
 
@@ -317,6 +323,18 @@ folders = [
 dirty_limit = "{dirty}"
 # cache_limit: recently read file data (plaintext blocks) kept in memory for fast reads.
 cache_limit = "{cache}"
+
+[space]
+# min_free: free space kept on the disk that holds the store. Below it, tempfs evicts the least
+# recently used closed files in the order cleanup/, cache/, other areas, sessions/, processing/,
+# from areas whose on_full is "evict" only; when nothing may go, writes fail with ENOSPC.
+# 0 turns the floor off.
+min_free = "{min_free}"
+
+[check]
+# interval: how often the daemon checks the whole store (every object present and authentic,
+# reference counts and usage counters right, no orphan objects) and repairs what it safely can.
+interval = "{check}"
 """
 
 
@@ -421,7 +439,7 @@ def _key_text(key: tuple[str, ...]) -> str:
 class _Loader:
     """Turns one parsed TOML document into a Config, raising ConfigError on the first problem."""
 
-    TABLES = ("tree", "policy", "memory")
+    TABLES = ("tree", "policy", "memory", "space", "check")
     TREE_KEYS = ("folders",)
     POLICY_KEYS = ("max_age", "max_size", "auto_cleanup", "on_full")
     MEMORY_KEYS = ("dirty_limit", "cache_limit")
@@ -449,7 +467,23 @@ class _Loader:
         folders = self.load_tree(doc["tree"]) if "tree" in doc else _with_prefixes(SEED_LEAVES)
         policies = self.load_policies(doc.get("policy", {}), folders)
         dirty, cache = self.load_memory(doc.get("memory", {}))
-        return Config(folders, policies, dirty, cache, self.source)
+        min_free = self.load_value(("space",), doc.get("space", {}), "min_free", _parse_floor, _DEFAULT_MIN_FREE)
+        interval = self.load_value(("check",), doc.get("check", {}), "interval", parse_duration,
+                                   _DEFAULT_CHECK_INTERVAL)
+        return Config(folders, policies, dirty, cache, self.source, min_free=min_free, check_interval=interval)
+
+    def load_value(self, table_key: tuple[str, ...], table: Any, name: str, parse: Any, default: Any) -> Any:
+        """The one key of a single-key table, parsed, or its default."""
+        self.check_keys(table_key, table, (name,), f"key in [{table_key[0]}]")
+        if name not in table:
+            return default
+        try:
+            value = parse(table[name])
+        except ValueError as exc:
+            raise self.error(table_key + (name,), str(exc)) from None
+        if value:  # "0" needs no unit
+            _warn_bare_number(self.source, table_key + (name,), table[name])
+        return value
 
     # -- [tree]
 
@@ -555,6 +589,13 @@ def _folder_problem(path: str) -> str | None:
         if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
             return f"has a component longer than {MAX_COMPONENT_BYTES} bytes (shorten it)"
     return None
+
+
+def _parse_floor(value: Any) -> int:
+    """A size, or 0 for no floor."""
+    if value == 0 or value == "0":
+        return 0
+    return parse_size(value)
 
 
 def _parse_auto_cleanup(value: Any) -> bool:

@@ -14,6 +14,7 @@ import trio
 from . import layout
 from .config import Config
 from .fs import SCHEMA_FOLDER_MODE, TempFS
+from .space import AreaRule
 from .mounts import fusermount_unmount
 from .store import Store
 
@@ -34,6 +35,20 @@ def prepare_tree(store: Store, config: Config) -> None:
     store.commit_now()
 
 
+def area_rules(config: Config) -> dict[str, AreaRule]:
+    """Each area's size limit, and whether tempfs may evict there (auto_cleanup off: it deletes
+    nothing by itself, so a full area refuses writes)."""
+    rules = {}
+    for area in config.areas:
+        policy = config.policies[area]
+        rules[area] = AreaRule(policy.max_size, policy.on_full == "evict" and policy.auto_cleanup)
+    for path, policy in config.policies.items():
+        area = path.split("/")[0]
+        if "/" in path and policy.max_size != config.policies[area].max_size:
+            log.warning("policy.%s.max_size is not enforced: size limits apply per area (%s/)", path, area)
+    return rules
+
+
 def mount_options(store_path: Path) -> set[str]:
     return {"fsname=tempfs:" + str(store_path), "subtype=tempfs", "default_permissions", "allow_other"}
 
@@ -41,8 +56,7 @@ def mount_options(store_path: Path) -> set[str]:
 def serve(store: Store, config: Config, mountpoint: Path) -> None:
     """Mounts and serves until unmounted; always leaves the store closed and the mount gone."""
     prepare_tree(store, config)
-    capacity = sum(config.policies[area].max_size for area in config.areas)
-    ops = TempFS(store, capacity)
+    ops = TempFS(store, area_rules(config), config.min_free)
     pyfuse3.init(ops, str(mountpoint), mount_options(store.path))
     log.info("mounted %s at %s (pid %d)", store.path, mountpoint, os.getpid())
     daemon = _Daemon(store, ops, mountpoint)
@@ -66,6 +80,7 @@ class _Daemon:
             await nursery.start(self.store.blocks.run_flusher)
             await nursery.start(self.store.run_committer)
             await nursery.start(self.ops.run_reaper)
+            await nursery.start(self.ops.space.run_watch)
             nursery.start_soon(self._on_signals)
             await pyfuse3.main()
             self.must_unmount = self._terminated_by_us

@@ -21,6 +21,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from . import __version__, layout
+from .space import AreaRule, Space
 from .store import BlockReadError, Inode, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,11 @@ class TempFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, store: Store, capacity: int) -> None:
+    def __init__(self, store: Store, rules: dict[str, AreaRule], min_free: int = 0) -> None:
         super().__init__()
         self.store = store
-        self.capacity = capacity
+        self.capacity = sum(rule.max_size or 0 for rule in rules.values())
+        self.space = Space(store, rules, min_free, evict=self._evict, is_open=lambda ino: self._opens[ino] > 0)
         self.stats: Counter[str] = Counter()
         self.started = time.time()
         self._lookups: Counter[int] = Counter()
@@ -98,7 +100,8 @@ class TempFS(pyfuse3.Operations):
         attrs.st_rdev = node.rdev
         attrs.st_size = node.size
         attrs.st_blksize = self.store.blocks.block_size
-        attrs.st_blocks = (node.size + 511) // 512
+        # du shows what the file takes on disk: compressed, encrypted, plus what is not stored yet
+        attrs.st_blocks = (node.stored_bytes + self.store.blocks.dirty_by_inode[node.id] + 511) // 512
         attrs.st_atime_ns = node.atime_ns
         attrs.st_mtime_ns = node.mtime_ns
         attrs.st_ctime_ns = node.ctime_ns
@@ -381,7 +384,7 @@ class TempFS(pyfuse3.Operations):
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         node = self._make(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
-        self._opens[node.id] += 1
+        self._opens[node.id] += 1  # a new file is used now: make() set its LRU time
         return pyfuse3.FileInfo(fh=node.id), self._entry(node)
 
     @_errors
@@ -392,6 +395,7 @@ class TempFS(pyfuse3.Operations):
         if flags & os.O_TRUNC and node.size:  # libfuse 3 hands O_TRUNC to open, not to setattr
             await self.store.truncate(inode, 0)
         self._opens[inode] += 1
+        self.store.touch_used(inode)
         return pyfuse3.FileInfo(fh=inode)
 
     @_errors
@@ -400,7 +404,8 @@ class TempFS(pyfuse3.Operations):
 
     @_errors
     async def write(self, fh, off, buf):
-        await self.store.write(fh, off, buf)
+        async with self.space.room(self.store.inode(fh).area, fh, off, len(buf)):
+            await self.store.write(fh, off, buf)
         return len(buf)
 
     async def flush(self, fh):
@@ -413,8 +418,10 @@ class TempFS(pyfuse3.Operations):
     @_logged
     async def release(self, fh):
         self._opens[fh] -= 1
-        if self._opens[fh] <= 0 and fh in self._waiting:
-            self._reaper_wake.set()  # it outlived its deadline while open
+        if self._opens[fh] <= 0:
+            self.store.touch_used(fh)
+            if fh in self._waiting:
+                self._reaper_wake.set()  # it outlived its deadline while open
         self._release_if_unused(fh)
 
     # ---- expiry --------------------------------------------------------------------------
@@ -462,6 +469,11 @@ class TempFS(pyfuse3.Operations):
         self._release_if_unused(ino)
         return names
 
+    def _evict(self, ino: int) -> None:
+        """Removes a closed file to make room, as an expiry would."""
+        log.debug("evicting %s", self.store.path_of(ino))
+        self._expire(ino)
+
     def _clear_expired(self, parent: int, name: bytes) -> None:
         """A name past its deadline that the reaper has not reached yet is free for reuse."""
         ino = self.store.lookup(parent, name)
@@ -488,6 +500,10 @@ class TempFS(pyfuse3.Operations):
     def status(self) -> dict:
         """What `tempfs status` shows, read from the running daemon."""
         usage = self.store.usage()
+        for area, info in usage["areas"].items():
+            info.update(limit_bytes=self.space.limit(area), evicted=self.space.evicted[area],
+                        refused_full=self.space.refused[area])
+        usage["disk"] = {"free_bytes": self.space.free_bytes(), "min_free_bytes": self.space.min_free}
         usage["daemon"] = {
             "pid": os.getpid(), "version": __version__, "uptime_seconds": round(time.time() - self.started, 1),
             "store": str(self.store.path), "dirty_bytes": self.store.blocks.dirty_bytes,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -42,6 +42,7 @@ class BlockReadError(Exception):
 @dataclass(eq=False)
 class DirtyBlock:
     data: bytearray
+    tag: Optional[str] = None  # the area it will be charged to once stored
     since: float = field(default_factory=time.monotonic)
     version: int = 0
     flushing: Optional[trio.Event] = None
@@ -56,6 +57,8 @@ class BlockStore:
         self.cache_limit = cache_limit
         self.dirty: dict[tuple[int, int], DirtyBlock] = {}
         self.dirty_bytes = 0
+        self.dirty_by_tag: Counter[Optional[str]] = Counter()
+        self.dirty_by_inode: Counter[int] = Counter()
         self._clean: OrderedDict[int, bytes] = OrderedDict()
         self._clean_bytes = 0
         self._flush_slots = trio.CapacityLimiter(FLUSH_PARALLELISM)
@@ -150,12 +153,13 @@ class BlockStore:
             self._clean_bytes -= len(plain)
 
     # ---- writing -------------------------------------------------------------------------
-    async def write(self, inode: int, offset: int, data: bytes) -> None:
+    async def write(self, inode: int, offset: int, data: bytes, tag: Optional[str] = None) -> None:
+        """Writes into dirty blocks; `tag` names whom they are charged to until stored."""
         pos = 0
         while pos < len(data):
             blockno, start = divmod(offset + pos, self.block_size)
             n = min(self.block_size - start, len(data) - pos)
-            block = await self._dirty_block(inode, blockno, whole=(start == 0 and n == self.block_size))
+            block = await self._dirty_block(inode, blockno, (start == 0 and n == self.block_size), tag)
             buf = block.data
             if len(buf) < start:
                 buf.extend(bytes(start - len(buf)))
@@ -163,7 +167,7 @@ class BlockStore:
             block.version += 1
             pos += n
 
-    async def _dirty_block(self, inode: int, blockno: int, whole: bool) -> DirtyBlock:
+    async def _dirty_block(self, inode: int, blockno: int, whole: bool, tag: Optional[str]) -> DirtyBlock:
         key = (inode, blockno)
         while True:
             block = self.dirty.get(key)
@@ -177,19 +181,21 @@ class BlockStore:
             base = b"" if whole else (await self._blocks(inode, range(blockno, blockno + 1)))[0]
             if key in self.dirty or self._mapped(inode, blockno) != mapped:
                 continue  # written, flushed or truncated while we read: the base is stale
-            block = DirtyBlock(bytearray(base))
+            block = DirtyBlock(bytearray(base), tag)
             self.dirty[key] = block
             self.dirty_bytes += self.block_size
+            self.dirty_by_tag[tag] += self.block_size
+            self.dirty_by_inode[inode] += self.block_size
             if self.dirty_bytes > self.dirty_limit // 2:
                 self._flush_wanted.set()
             return block
 
-    async def cut_tail(self, inode: int, size: int) -> None:
+    async def cut_tail(self, inode: int, size: int, tag: Optional[str] = None) -> None:
         """Makes sure the block holding byte `size` keeps nothing at or past it."""
         blockno, keep = divmod(size, self.block_size)
         if keep == 0 or ((inode, blockno) not in self.dirty and self._mapped(inode, blockno) is None):
             return
-        block = await self._dirty_block(inode, blockno, whole=False)
+        block = await self._dirty_block(inode, blockno, False, tag)
         if len(block.data) > keep:
             del block.data[keep:]
             block.version += 1
@@ -205,8 +211,12 @@ class BlockStore:
             self._decref(object_id)
 
     def _discard_dirty(self, key: tuple[int, int]) -> None:
-        del self.dirty[key]
+        block = self.dirty.pop(key)
         self.dirty_bytes -= self.block_size
+        self.dirty_by_tag[block.tag] -= self.block_size
+        self.dirty_by_inode[key[0]] -= self.block_size
+        if self.dirty_by_inode[key[0]] <= 0:
+            del self.dirty_by_inode[key[0]]
         self._room_lot.unpark_all()
 
     # ---- flushing ------------------------------------------------------------------------
@@ -227,6 +237,10 @@ class BlockStore:
 
     async def flush_inode(self, inode: int) -> None:
         while keys := [k for k in self.dirty if k[0] == inode]:
+            await self.flush_keys(keys)
+
+    async def flush_tagged(self, tag: Optional[str]) -> None:
+        while keys := [k for k, b in self.dirty.items() if b.tag == tag]:
             await self.flush_keys(keys)
 
     async def flush_all(self) -> None:

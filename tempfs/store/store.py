@@ -414,10 +414,10 @@ class Store:
             return
         if offset + len(data) > MAX_FILE_SIZE:
             raise StoreError(errno.EFBIG)
-        old_size = self.inode(ino).size
-        if offset > old_size:
-            await self.blocks.cut_tail(ino, old_size)
-        await self.blocks.write(ino, offset, data)
+        node = self.inode(ino)
+        if offset > node.size:
+            await self.blocks.cut_tail(ino, node.size, node.area)
+        await self.blocks.write(ino, offset, data, node.area)
         now = self.clock()
         self.db.execute("UPDATE inodes SET size=max(size, ?), mtime_ns=?, ctime_ns=? WHERE id=?",
                         (offset + len(data), now, now, ino))
@@ -425,8 +425,8 @@ class Store:
     async def truncate(self, ino: int, size: int) -> None:
         if size > MAX_FILE_SIZE:
             raise StoreError(errno.EFBIG)
-        old_size = self.inode(ino).size
-        await self.blocks.cut_tail(ino, min(size, old_size))
+        node = self.inode(ino)
+        await self.blocks.cut_tail(ino, min(size, node.size), node.area)
         self.blocks.drop_after(ino, size)
         now = self.clock()
         self.db.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?", (size, now, now, ino))

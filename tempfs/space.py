@@ -1,0 +1,203 @@
+"""Room for writes: each area's size limit and the free-space floor on the store's disk.
+
+Guarantees:
+- Writes never take an area's stored bytes past its max_size. A write is admitted only when the
+  area's stored bytes, its data still held in memory and what admitted writes have reserved,
+  plus the most this write can add, fit. Data not yet stored counts at its raw size (plus the
+  seal's overhead); when that does not fit, the area's pending data is stored first so that its
+  real, compressed and deduplicated size counts.
+- When a write does not fit, an area whose policy allows eviction loses its least recently used
+  closed files (never an open one) until it fits; any other area answers ENOSPC and nothing is
+  deleted.
+- When the disk under the store has less than `min_free` free, files are evicted from areas
+  that allow it, in the seed's priority order (cleanup, cache, other areas, sessions,
+  processing), until the floor holds; a write that cannot be given room fails with ENOSPC.
+  A refused write changes nothing, so nothing already written is damaged.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import time
+from collections import Counter
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Optional
+
+import trio
+
+from .codec import SEAL_OVERHEAD
+from .store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+PRIORITY_FIRST = ("cleanup", "cache")        # the seed's order: what is cheapest to lose goes first
+PRIORITY_LAST = ("sessions", "processing")   # work in progress goes last
+PROBE_INTERVAL = 1.0   # seconds a free-space reading is trusted (admitted writes are subtracted)
+WATCH_INTERVAL = 2.0   # how often the floor is checked when nobody writes
+COMPLAIN_INTERVAL = 60.0
+LRU_BATCH = 64
+
+
+@dataclass(frozen=True)
+class AreaRule:
+    max_size: Optional[int]
+    evict: bool  # may tempfs delete closed files of this area to make room?
+
+
+class Space:
+    def __init__(self, store: Store, rules: dict[str, AreaRule], min_free: int, *,
+                 evict: Callable[[int], None], is_open: Callable[[int], bool]) -> None:
+        """`evict(ino)` removes a closed file as an expiry would; `is_open(ino)` says if it may."""
+        self.store = store
+        self.rules = rules
+        self.min_free = min_free
+        self._evict_file = evict
+        self._is_open = is_open
+        self._reserved: Counter[str] = Counter()
+        self.evicted: Counter[str] = Counter()   # files, per area
+        self.refused: Counter[str] = Counter()   # writes answered ENOSPC, per area
+        self._probed_free = 0
+        self._probed_at = -math.inf
+        self._pending_at_probe = 0
+        self._admitted_since_probe = 0
+        self._complained: dict[str, float] = {}
+
+    def order(self) -> list[str]:
+        """The areas in the order the floor frees them."""
+        others = [a for a in self.rules if a not in PRIORITY_FIRST + PRIORITY_LAST]
+        return [a for a in (*PRIORITY_FIRST, *others, *PRIORITY_LAST) if a in self.rules]
+
+    def limit(self, area: str) -> Optional[int]:
+        rule = self.rules.get(area)
+        return None if rule is None else rule.max_size
+
+    # ---- admission -----------------------------------------------------------------------
+    @asynccontextmanager
+    async def room(self, area: str, ino: int, offset: int, length: int) -> AsyncIterator[None]:
+        """Holds room for one write of `length` bytes at `offset` while it runs; raises
+        StoreError(ENOSPC) when none can be made."""
+        need = self._need(ino, offset, length)
+        if need:
+            await self._fit_area(area, need)
+            await self._fit_disk(area, need)
+        self._reserved[area] += need
+        self._admitted_since_probe += need
+        try:
+            yield
+        finally:
+            self._reserved[area] -= need
+
+    def _need(self, ino: int, offset: int, length: int) -> int:
+        """The most stored bytes a write can add: a whole object for each block it dirties anew."""
+        if length <= 0:
+            return 0
+        blocks = self.store.blocks
+        first, last = offset // blocks.block_size, (offset + length - 1) // blocks.block_size
+        fresh = sum((ino, b) not in blocks.dirty for b in range(first, last + 1))
+        return fresh * (blocks.block_size + SEAL_OVERHEAD)
+
+    def _load(self, area: str) -> int:
+        """What the area holds or is about to: stored, pending in memory, reserved."""
+        blocks = self.store.blocks
+        pending = blocks.dirty_by_tag[area] // blocks.block_size * (blocks.block_size + SEAL_OVERHEAD)
+        return self.store.area_stored(area) + pending + self._reserved[area]
+
+    async def _fit_area(self, area: str, need: int) -> None:
+        limit = self.limit(area)
+        if limit is None or self._load(area) + need <= limit:
+            return
+        if need <= limit:
+            await self.store.blocks.flush_tagged(area)  # pending data now counts at its stored size
+        evicted = 0
+        while self._load(area) + need > limit:
+            if need > limit or not self.rules[area].evict or not self._evict_one(area):
+                self._refuse(area, f"{area}/ is full: {self._load(area)} of {limit} bytes used, "
+                                   f"a write needs up to {need} more")
+            evicted += 1
+        if evicted:
+            log.info("evicted %d least recently used files from %s/ to keep it within %d bytes",
+                     evicted, area, limit)
+
+    def _evict_one(self, area: str) -> bool:
+        skip = 0
+        while batch := self.store.least_recently_used(area, LRU_BATCH, skip):
+            for ino in batch:
+                if not self._is_open(ino):
+                    self._evict_file(ino)
+                    self.evicted[area] += 1
+                    return True
+            skip += len(batch)
+        return False
+
+    def _refuse(self, area: str, reason: str) -> None:
+        self.refused[area] += 1
+        now = time.monotonic()
+        if now - self._complained.get(area, -math.inf) >= COMPLAIN_INTERVAL:
+            self._complained[area] = now
+            log.warning("write refused (ENOSPC): %s", reason)
+        raise StoreError(errno.ENOSPC, reason)
+
+    # ---- the floor -----------------------------------------------------------------------
+    def free_bytes(self) -> int:
+        """Free bytes on the store's disk, less what is admitted but not yet there."""
+        if time.monotonic() - self._probed_at > PROBE_INTERVAL:
+            self._probe()
+        return self._probed_free - self._pending_at_probe - self._admitted_since_probe
+
+    def _probe(self) -> None:
+        st = os.statvfs(self.store.path)
+        self._probed_free = st.f_bavail * st.f_frsize
+        self._probed_at = time.monotonic()
+        self._pending_at_probe = self.store.blocks.dirty_bytes
+        self._admitted_since_probe = 0
+
+    async def _fit_disk(self, area: str, need: int) -> None:
+        if not self.min_free or self.free_bytes() - need >= self.min_free:
+            return
+        self._probe()
+        if self.free_bytes() - need < self.min_free:
+            await self.free_disk(self.min_free + need - self.free_bytes())
+        if self.free_bytes() - need < self.min_free:
+            self._refuse(area, f"the disk under the store has {max(self.free_bytes(), 0)} bytes free, "
+                               f"its floor is {self.min_free} and nothing more may be evicted")
+
+    async def free_disk(self, wanted: int) -> int:
+        """Evicts closed files, area by area in priority order, until `wanted` stored bytes are
+        freed or nothing more may go; returns the bytes freed."""
+        freed = 0
+        for area in self.order():
+            evicted = 0
+            while freed < wanted and self.rules[area].evict:
+                before = self.store.stored_bytes()
+                if not self._evict_one(area):
+                    break
+                evicted += 1
+                freed += before - self.store.stored_bytes()
+            if evicted:
+                log.info("evicted %d files from %s/: the disk under the store is below its %d-byte floor",
+                         evicted, area, self.min_free)
+        if freed:
+            await self.store.commit()  # the object files go once the commit lands
+            self._probe()
+        return freed
+
+    async def run_watch(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keeps the floor when the disk fills from elsewhere, with nobody writing here."""
+        task_status.started()
+        short = False
+        while True:
+            await trio.sleep(WATCH_INTERVAL)
+            if not self.min_free:
+                continue
+            self._probe()
+            deficit = self.min_free - self.free_bytes()
+            if deficit > 0:
+                await self.free_disk(deficit)
+            below = self.free_bytes() < self.min_free
+            if below and not short:
+                log.warning("the disk under the store has %d bytes free, below its %d-byte floor, and "
+                            "nothing more may be evicted: writes fail with ENOSPC", self.free_bytes(), self.min_free)
+            short = below
