@@ -203,8 +203,9 @@ class BlockStore:
     def drop_after(self, inode: int, size: int) -> None:
         """Forgets every block wholly at or past `size` (truncation, deletion with size 0)."""
         first = -(-size // self.block_size)
-        for key in [k for k in self.dirty if k[0] == inode and k[1] >= first]:
-            self._discard_dirty(key)
+        if self.dirty_by_inode[inode]:
+            for key in [k for k in self.dirty if k[0] == inode and k[1] >= first]:
+                self._discard_dirty(key)
         rows = self.db.execute("SELECT object FROM blocks WHERE inode=? AND blockno>=?", (inode, first)).fetchall()
         self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno>=?", (inode, first))
         for (object_id,) in rows:

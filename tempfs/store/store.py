@@ -315,7 +315,8 @@ class Store:
         self.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
         # Nobody has it open, and with no name nobody can open it again: its space is freed now.
         # With no deadline it leaves the reaper's index, waiting only for the kernel to forget it.
-        self.blocks.drop_after(ino, 0)
+        if node.stored_bytes or self.blocks.dirty_by_inode[ino]:
+            self.blocks.drop_after(ino, 0)
         self.db.execute("UPDATE inodes SET nlink=0, size=0, life_ns=NULL, ttl_deadline_ns=NULL WHERE id=?", (ino,))
         if node.is_dir:
             for parent, _name in names:
