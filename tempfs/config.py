@@ -208,6 +208,8 @@ def parse_size(text: str | int) -> int:
 
 
 def _format_duration(seconds: float) -> str:
+    if seconds > 86400 and seconds % 86400 == 0:  # a week reads better as 7d than 168h
+        return f"{int(seconds // 86400)}d"
     for unit, factor in (("h", 3600), ("m", 60)):  # hours, as the seed writes them
         if seconds % factor == 0:
             return f"{int(seconds // factor)}{unit}"
