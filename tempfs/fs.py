@@ -6,6 +6,7 @@ nothing of SQL, lz4 or ciphers: those live below, in the store.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -35,6 +36,7 @@ EXPIRES_XATTR = XATTR_PREFIX + b"expires"
 SCHEMA_FOLDER_MODE = 0o1777
 KERNEL_CACHE_SECONDS = 300.0  # tempfs is the only writer: the kernel may cache long...
 REAPER_NAP = 1.0              # ...but never past a deadline; the reaper looks again this often
+PENDING_CACHE_SECONDS = 1.0   # ...nor long while a file's stored size is about to change
 REAP_BATCH = 1000
 
 
@@ -110,9 +112,12 @@ class TempFS(pyfuse3.Operations):
 
     def _cache_seconds(self, node: Inode) -> float:
         """How long the kernel may keep the entry: never past its deadline."""
+        limit = KERNEL_CACHE_SECONDS
+        if self.store.blocks.dirty_by_inode[node.id]:
+            limit = PENDING_CACHE_SECONDS  # its stored size (du) changes once its data is stored
         if node.expires_ns is None:
-            return KERNEL_CACHE_SECONDS
-        return max(0.0, min(KERNEL_CACHE_SECONDS, (node.expires_ns - self.store.clock()) / 1e9))
+            return limit
+        return max(0.0, min(limit, (node.expires_ns - self.store.clock()) / 1e9))
 
     def _hidden(self, node: Inode) -> bool:
         """Past its deadline an entry is gone for programs at once, before the reaper reclaims
@@ -262,10 +267,19 @@ class TempFS(pyfuse3.Operations):
             self._check_create(parent_inode_new, name_new, node.is_dir, ctx)
             if exchange and target_ino is not None:
                 self._check_create(parent_inode_old, name_old, self.store.inode(target_ino).is_dir, ctx)
-        replaced = self.store.rename(parent_inode_old, name_old, parent_inode_new, name_new,
-                                     noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE), exchange=exchange)
+        async with contextlib.AsyncExitStack() as rooms:
+            await rooms.enter_async_context(self._room_to_move(node, self.store.inode(parent_inode_new).area))
+            if exchange and target_ino is not None:
+                await rooms.enter_async_context(self._room_to_move(self.store.inode(target_ino), node.area))
+            replaced = self.store.rename(parent_inode_old, name_old, parent_inode_new, name_new,
+                                         noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE), exchange=exchange)
         if replaced is not None:
             self._release_if_unused(replaced.id)
+
+    def _room_to_move(self, node: Inode, area: Optional[str]):
+        """Room in `area` for an entry moving in from another area (its limit holds for mv too)."""
+        need = 0 if area == node.area else self.store.subtree_stored(node.id)
+        return self.space.room(area, need)
 
     # ---- attributes ----------------------------------------------------------------------
     @_errors
@@ -404,9 +418,22 @@ class TempFS(pyfuse3.Operations):
 
     @_errors
     async def write(self, fh, off, buf):
-        async with self.space.room(self.store.inode(fh).area, fh, off, len(buf)):
-            await self.store.write(fh, off, buf)
-        return len(buf)
+        area = self.store.inode(fh).area
+        pieces = [(off, len(buf))]
+        if not self.space.roomy(area, self.space.write_need(area, fh, off, len(buf))):
+            # near a limit: block by block, so that each piece counts at its stored size
+            pieces = _block_pieces(off, len(buf), self.store.blocks.block_size)
+        done = 0
+        for at, n in pieces:
+            try:
+                async with self.space.room(area, self.space.write_need(area, fh, at, n)):
+                    await self.store.write(fh, at, buf[done:done + n])
+            except StoreError as e:
+                if done and e.errno == errno.ENOSPC:
+                    return done  # a short write: the program's next one gets ENOSPC
+                raise
+            done += n
+        return done
 
     async def flush(self, fh):
         pass
@@ -511,6 +538,17 @@ class TempFS(pyfuse3.Operations):
             "expired": self.stats["expired"], "cleanup_failures": self.stats["cleanup_failures"],
         }
         return usage
+
+
+def _block_pieces(offset: int, length: int, block_size: int) -> list[tuple[int, int]]:
+    """(offset, length) pieces of a write that each stay within one block."""
+    pieces = []
+    end = offset + length
+    while offset < end:
+        n = min(end, (offset // block_size + 1) * block_size) - offset
+        pieces.append((offset, n))
+        offset += n
+    return pieces
 
 
 def _command(pid: int) -> str:

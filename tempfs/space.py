@@ -75,29 +75,39 @@ class Space:
         return None if rule is None else rule.max_size
 
     # ---- admission -----------------------------------------------------------------------
+    def write_need(self, area: str, ino: int, offset: int, length: int) -> int:
+        """The most stored bytes a write can add to `area`: a whole object for each block it
+        dirties anew, less the objects those blocks stop using that nothing else there uses."""
+        if length <= 0:
+            return 0
+        blocks = self.store.blocks
+        first, last = offset // blocks.block_size, (offset + length - 1) // blocks.block_size
+        fresh = [b for b in range(first, last + 1) if (ino, b) not in blocks.dirty]
+        if not fresh:
+            return 0
+        freed = self.store.sole_objects(area, ino, fresh[0], fresh[-1])
+        return sum(blocks.block_size + SEAL_OVERHEAD - freed.get(b, 0) for b in fresh)
+
+    def roomy(self, area: str, need: int) -> bool:
+        """Whether `need` bytes fit at once, with nothing to store, evict or refuse first."""
+        limit = self.limit(area)
+        fits_area = limit is None or self._load(area) + need <= limit
+        return fits_area and (not self.min_free or self.free_bytes() - need >= self.min_free)
+
     @asynccontextmanager
-    async def room(self, area: str, ino: int, offset: int, length: int) -> AsyncIterator[None]:
-        """Holds room for one write of `length` bytes at `offset` while it runs; raises
+    async def room(self, area: str, need: int) -> AsyncIterator[None]:
+        """Holds room for `need` more stored bytes in `area` while a change runs; raises
         StoreError(ENOSPC) when none can be made."""
-        need = self._need(ino, offset, length)
-        if need:
+        if need > 0:
             await self._fit_area(area, need)
             await self._fit_disk(area, need)
+        need = max(need, 0)
         self._reserved[area] += need
         self._admitted_since_probe += need
         try:
             yield
         finally:
             self._reserved[area] -= need
-
-    def _need(self, ino: int, offset: int, length: int) -> int:
-        """The most stored bytes a write can add: a whole object for each block it dirties anew."""
-        if length <= 0:
-            return 0
-        blocks = self.store.blocks
-        first, last = offset // blocks.block_size, (offset + length - 1) // blocks.block_size
-        fresh = sum((ino, b) not in blocks.dirty for b in range(first, last + 1))
-        return fresh * (blocks.block_size + SEAL_OVERHEAD)
 
     def _load(self, area: str) -> int:
         """What the area holds or is about to: stored, pending in memory, reserved."""

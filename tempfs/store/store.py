@@ -467,6 +467,23 @@ class Store:
         row = self.db.one("SELECT stored_bytes FROM area_usage WHERE area=?", (area,))
         return 0 if row is None else row[0]
 
+    def sole_objects(self, area: str, ino: int, first: int, last: int) -> dict[int, int]:
+        """Block number -> stored bytes, for the blocks first..last of a file whose object
+        nothing else in `area` uses: what rewriting those blocks frees there."""
+        return dict(self.db.execute(
+            "SELECT b.blockno, o.stored_size FROM blocks b "
+            "JOIN area_objects a ON a.area = ? AND a.object = b.object AND a.refs = 1 "
+            "JOIN objects o ON o.id = b.object WHERE b.inode = ? AND b.blockno BETWEEN ? AND ?",
+            (area, ino, first, last)))
+
+    def subtree_stored(self, ino: int) -> int:
+        """Stored bytes of an entry and everything below it (shared objects counted per file),
+        plus what its files hold in memory not yet stored."""
+        rows = self.db.execute(
+            "WITH RECURSIVE sub(id) AS (SELECT ? UNION SELECT e.inode FROM entries e JOIN sub ON e.parent = sub.id) "
+            "SELECT i.id, i.stored_bytes FROM inodes i JOIN sub ON sub.id = i.id", (ino,)).fetchall()
+        return sum(stored + self.blocks.dirty_by_inode[i] for i, stored in rows)
+
     def _total(self, name: str) -> int:
         return self.db.one("SELECT value FROM totals WHERE name=?", (name,))[0]
 
