@@ -1,25 +1,32 @@
-"""The `tempfs` command: mount, umount, status.
+"""The `tempfs` command: mount, umount, status, fsck.
 
 Every failure of `tempfs mount` prints one line saying what is wrong and what to do, exits with
-a code of its own (see `Exit`), and leaves the store as it was.
+a code of its own (see `Exit`), and leaves the store as it was. `tempfs fsck` checks an unmounted
+store and says by its exit code whether it was clean, repaired, or is left damaged.
 """
 from __future__ import annotations
 
 import argparse
 import enum
+import functools
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from .config import Config, ConfigError, default_config_text, load_config
+from .config import Config, ConfigError, default_config, default_config_text, load_config
 from .keys import KeyFileError, check_key_location, create_key_file, read_key_file
 from .mounts import FSTYPE, find_mount, fusermount_unmount, is_stale
+
+if TYPE_CHECKING:
+    from .store import Store
+    from .store.check import CheckReport
 
 log = logging.getLogger("tempfs")
 
@@ -39,6 +46,8 @@ class Exit(enum.IntEnum):
     MOUNTPOINT = 6      # mountpoint missing, not a folder, not empty, or already mounted
     NO_FUSE = 7         # /dev/fuse, fusermount3 or libfuse missing
     NOT_MOUNTED = 8     # umount/status: nothing mounted there
+    REPAIRED = 9        # fsck: problems were found and all were repaired
+    DAMAGED = 10        # fsck: problems are left in the store (damage, or found with --no-repair)
 
 
 class Failure(Exception):
@@ -161,20 +170,23 @@ def cmd_mount(args: argparse.Namespace) -> int:
     _setup_logging(True, Path(args.log_file) if args.log_file else None, args.verbose)
     paths, config, key = preflight(args)
     from .clock import daemon_clock
-    from .codec import ContentCodec
     from .daemon import serve
+    store = _open_store(paths, key, config.dirty_limit, config.cache_limit, clock=daemon_clock())
+    serve(store, config, paths.mountpoint)
+    return Exit.OK
+
+
+def _open_store(paths: Paths, key: bytes, dirty_limit: int, cache_limit: int, **options) -> "Store":
+    from .codec import ContentCodec
     from .store import Store, StoreLockedError, StoreOpenError, WrongKeyError
     try:
-        store = Store(paths.store, ContentCodec(key), dirty_limit=config.dirty_limit, cache_limit=config.cache_limit,
-                      clock=daemon_clock())
+        return Store(paths.store, ContentCodec(key), dirty_limit=dirty_limit, cache_limit=cache_limit, **options)
     except StoreLockedError as e:
         raise Failure(Exit.LOCKED, str(e)) from None
     except WrongKeyError as e:
         raise Failure(Exit.KEY, str(e)) from None
     except StoreOpenError as e:
         raise Failure(Exit.FAILED, str(e)) from None
-    serve(store, config, paths.mountpoint)
-    return Exit.OK
 
 
 def _mount_in_background(args: argparse.Namespace) -> int:
@@ -287,6 +299,79 @@ def format_status(mountpoint: Path, status: dict) -> str:
     return "\n".join(lines)
 
 
+# ---- fsck ----------------------------------------------------------------------------------
+def cmd_fsck(args: argparse.Namespace) -> int:
+    _setup_logging(True, None, False, level=logging.ERROR)  # the report says the rest
+    paths = resolve_paths(args)
+    if not (paths.store / "meta.sqlite").exists():
+        raise Failure(Exit.USAGE, f"{paths.store}: there is no tempfs store there (pass --store DIR)")
+    config = _fsck_config(paths.config)
+    try:
+        key = read_key_file(paths.key)
+    except KeyFileError as e:
+        raise Failure(Exit.KEY, str(e)) from None
+    store = _open_store(paths, key, config.dirty_limit, 0)
+    try:
+        report = _run_check(store, repair=not args.no_repair, verify_content=not args.quick)
+    except sqlite3.DatabaseError as e:
+        raise Failure(Exit.FAILED, f"{paths.store / 'meta.sqlite'}: the metadata database is damaged ({e}); "
+                                   "keep a copy of the store before trying anything else") from None
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(paths.store, report, verified=not args.quick))
+    if report.damaged:
+        return Exit.DAMAGED
+    return Exit.REPAIRED if report.repaired else Exit.OK
+
+
+def _fsck_config(path: Path) -> Config:
+    """The config if there is one (fsck writes none), else the defaults."""
+    if not path.exists():
+        return default_config()
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise Failure(Exit.CONFIG, str(e)) from None
+
+
+def _run_check(store: "Store", *, repair: bool, verify_content: bool) -> "CheckReport":
+    """Runs the check with a progress bar on stderr when it is a terminal."""
+    import trio
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .store.check import check_store
+    columns = (TextColumn("checking objects"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not sys.stderr.isatty(), transient=True) as bar:
+        task = bar.add_task("check", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+        return trio.run(functools.partial(check_store, store, repair=repair, verify_content=verify_content,
+                                          progress=progress))
+
+
+def format_report(store_path: Path, report: "CheckReport", verified: bool) -> str:
+    how = "content verified" if verified else "presence only (--quick)"
+    seconds = (report.finished_ns - report.started_ns) / 1e9
+    lines = [f"tempfs fsck {store_path}: {report.objects_checked} objects checked, "
+             f"{_size(report.bytes_checked)} read ({how}) in {seconds:.1f} s"]
+    for title, items in (("repaired", report.repaired), ("damaged", report.damaged), ("warnings", report.warnings)):
+        if items:
+            lines.append(f"{title}:")
+            lines += [f"  - {item}" for item in items]
+    if report.damaged:
+        lines.append("result: the store has problems left (see damaged)")
+    elif report.repaired:
+        lines.append("result: repaired; the store is consistent now")
+    else:
+        lines.append("result: clean")
+    return "\n".join(lines)
+
+
 # ---- the command line ----------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tempfs", description=__doc__.splitlines()[0])
@@ -308,6 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint", nargs="?")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
+    f = sub.add_parser("fsck", help="check (and repair) an unmounted store")
+    f.add_argument("--store", help="store folder (default: data/.tempfs-store)")
+    f.add_argument("--key-file", help="key file (default: config/tempfs.key)")
+    f.add_argument("--config", help="config file (default: config/tempfs.toml, or the defaults if missing)")
+    f.add_argument("--no-repair", action="store_true", help="report problems, change nothing")
+    f.add_argument("--quick", action="store_true", help="check that object files exist, not their content")
+    f.add_argument("--json", action="store_true", help="machine-readable report")
+    f.set_defaults(func=cmd_fsck, mountpoint=None, log_file=None)
     return parser
 
 

@@ -17,8 +17,11 @@ from .fs import SCHEMA_FOLDER_MODE, TempFS
 from .space import AreaRule
 from .mounts import fusermount_unmount
 from .store import Store
+from .store.check import check_store
 
 log = logging.getLogger(__name__)
+
+CHECK_POLL = 1.0  # how often the daemon looks whether the whole-store check is due
 
 
 def prepare_tree(store: Store, config: Config) -> None:
@@ -59,7 +62,7 @@ def serve(store: Store, config: Config, mountpoint: Path) -> None:
     ops = TempFS(store, area_rules(config), config.min_free)
     pyfuse3.init(ops, str(mountpoint), mount_options(store.path))
     log.info("mounted %s at %s (pid %d)", store.path, mountpoint, os.getpid())
-    daemon = _Daemon(store, ops, mountpoint)
+    daemon = _Daemon(store, ops, mountpoint, config.check_interval)
     try:
         trio.run(daemon.run)
     finally:
@@ -69,10 +72,11 @@ def serve(store: Store, config: Config, mountpoint: Path) -> None:
 
 
 class _Daemon:
-    def __init__(self, store: Store, ops: TempFS, mountpoint: Path) -> None:
+    def __init__(self, store: Store, ops: TempFS, mountpoint: Path, check_interval: float) -> None:
         self.store = store
         self.ops = ops
         self.mountpoint = mountpoint
+        self.check_interval_ns = int(check_interval * 1e9)
         self.must_unmount = True
 
     async def run(self) -> None:
@@ -81,6 +85,7 @@ class _Daemon:
             await nursery.start(self.store.run_committer)
             await nursery.start(self.ops.run_reaper)
             await nursery.start(self.ops.space.run_watch)
+            await nursery.start(self._run_checks)
             nursery.start_soon(self._on_signals)
             await pyfuse3.main()
             self.must_unmount = self._terminated_by_us
@@ -88,6 +93,28 @@ class _Daemon:
         await self.store.sync()
 
     _terminated_by_us = False
+
+    async def _run_checks(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The seed's weekly whole-tree cleanup, made a check of the whole store: due
+        `check_interval` after the last one (a new store starts its week at its first mount;
+        a store whose check fell due while unmounted is checked at once)."""
+        if self.store.last_check_ns is None:
+            self.store.record_check(self.store.clock())
+        task_status.started()
+        while True:
+            if self.store.clock() - self.store.last_check_ns >= self.check_interval_ns:
+                await self._check_once()
+            await trio.sleep(CHECK_POLL)
+
+    async def _check_once(self) -> None:
+        """Runs the check (it logs each repair and problem itself) and keeps its report for status."""
+        started = self.store.clock()
+        try:
+            self.ops.last_check = (await check_store(self.store, repair=True)).to_dict()
+        except Exception:
+            self.ops.stats["cleanup_failures"] += 1
+            log.exception("whole-store check failed; next try in %.0f s", self.check_interval_ns / 1e9)
+        self.store.record_check(started)
 
     async def _on_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -90,6 +90,7 @@ class TempFS(pyfuse3.Operations):
         self._opens: Counter[int] = Counter()
         self._waiting: set[int] = set()  # due, but open or a folder with entries: looked at next pass
         self._reaper_wake = trio.Event()
+        self.last_check: Optional[dict] = None  # the report of the daemon's last whole-store check
 
     # ---- replies -------------------------------------------------------------------------
     def _attributes(self, node: Inode) -> pyfuse3.EntryAttributes:
@@ -536,6 +537,7 @@ class TempFS(pyfuse3.Operations):
             "store": str(self.store.path), "dirty_bytes": self.store.blocks.dirty_bytes,
             "refused": self.stats["refused"], "integrity_errors": self.stats["integrity_errors"],
             "expired": self.stats["expired"], "cleanup_failures": self.stats["cleanup_failures"],
+            "last_check": self.last_check,
         }
         return usage
 

@@ -197,3 +197,30 @@ def test_gone_at_once_in_real_time(make_mount):
     assert gone(f)
     with pytest.raises(FileNotFoundError):
         open(f)
+
+
+def test_the_periodic_whole_store_check_runs_when_due_and_repairs(make_mount, clock):
+    m = make_mount('[check]\ninterval = "30s"\n')
+    data = os.urandom(300_000)
+    m.path("processing/common/uploads/x").write_bytes(data)
+    # an object file no metadata refers to, as a crash between writing and committing leaves
+    orphan = m.base / "store" / "objects" / "1b" / "cd" / "1bcd000000000001"
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(os.urandom(500))
+    time.sleep(1.5)  # the daemon looks every second: not due yet
+    assert orphan.exists() and m.status()["daemon"]["last_check"] is None
+    assert wait_until(lambda: m.status()["daemon"]["dirty_bytes"] == 0, timeout=10)
+    clock.set(60)
+    assert wait_until(lambda: m.status()["daemon"]["last_check"] is not None, timeout=10)
+    report = m.status()["daemon"]["last_check"]
+    assert report["damaged"] == [] and report["objects_checked"] >= 3
+    assert len(report["repaired"]) == 1 and "no object" in report["repaired"][0], report
+    assert not orphan.exists()
+    assert m.path("processing/common/uploads/x").read_bytes() == data
+    # the next one is due a whole interval later, and the time survives a remount
+    m.remount()
+    time.sleep(1.5)
+    assert m.status()["daemon"]["last_check"] is None
+    clock.set(100)
+    assert wait_until(lambda: m.status()["daemon"]["last_check"] is not None, timeout=10)
+    assert m.status()["daemon"]["last_check"]["clean"]

@@ -69,6 +69,7 @@ CREATE TABLE xattrs (
 # An area pays for each object it references once (area_objects counts its references), however
 # many of its blocks share it; an object shared by two areas counts in both. `totals` holds the
 # whole store's figures, each object once, as on disk.
+# A block whose object row is lost (damage the check reports) counts 0, so its file can still go.
 _ACCOUNTING = """
 CREATE TABLE area_objects (
     area TEXT NOT NULL, object INTEGER NOT NULL, refs INTEGER NOT NULL,
@@ -88,14 +89,14 @@ CREATE TRIGGER object_removed AFTER DELETE ON objects BEGIN
 END;
 
 CREATE TRIGGER block_added AFTER INSERT ON blocks BEGIN
-    UPDATE inodes SET stored_bytes = stored_bytes + (SELECT stored_size FROM objects WHERE id = NEW.object)
+    UPDATE inodes SET stored_bytes = stored_bytes + coalesce((SELECT stored_size FROM objects WHERE id = NEW.object), 0)
         WHERE id = NEW.inode;
     INSERT INTO area_objects(area, object, refs)
         SELECT area, NEW.object, 1 FROM inodes WHERE id = NEW.inode AND area IS NOT NULL
         ON CONFLICT (area, object) DO UPDATE SET refs = refs + 1;
 END;
 CREATE TRIGGER block_removed AFTER DELETE ON blocks BEGIN
-    UPDATE inodes SET stored_bytes = stored_bytes - (SELECT stored_size FROM objects WHERE id = OLD.object)
+    UPDATE inodes SET stored_bytes = stored_bytes - coalesce((SELECT stored_size FROM objects WHERE id = OLD.object), 0)
         WHERE id = OLD.inode;
     UPDATE area_objects SET refs = refs - 1
         WHERE object = OLD.object AND area = (SELECT area FROM inodes WHERE id = OLD.inode);
@@ -103,8 +104,8 @@ CREATE TRIGGER block_removed AFTER DELETE ON blocks BEGIN
         WHERE object = OLD.object AND area = (SELECT area FROM inodes WHERE id = OLD.inode) AND refs <= 0;
 END;
 CREATE TRIGGER block_remapped AFTER UPDATE OF object ON blocks BEGIN
-    UPDATE inodes SET stored_bytes = stored_bytes - (SELECT stored_size FROM objects WHERE id = OLD.object)
-        + (SELECT stored_size FROM objects WHERE id = NEW.object) WHERE id = NEW.inode;
+    UPDATE inodes SET stored_bytes = stored_bytes - coalesce((SELECT stored_size FROM objects WHERE id = OLD.object), 0)
+        + coalesce((SELECT stored_size FROM objects WHERE id = NEW.object), 0) WHERE id = NEW.inode;
     UPDATE area_objects SET refs = refs - 1
         WHERE object = OLD.object AND area = (SELECT area FROM inodes WHERE id = OLD.inode);
     DELETE FROM area_objects
@@ -126,11 +127,11 @@ END;
 
 CREATE TRIGGER area_object_added AFTER INSERT ON area_objects BEGIN
     INSERT INTO area_usage(area, stored_bytes)
-        VALUES (NEW.area, (SELECT stored_size FROM objects WHERE id = NEW.object))
+        VALUES (NEW.area, coalesce((SELECT stored_size FROM objects WHERE id = NEW.object), 0))
         ON CONFLICT (area) DO UPDATE SET stored_bytes = stored_bytes + excluded.stored_bytes;
 END;
 CREATE TRIGGER area_object_removed AFTER DELETE ON area_objects BEGIN
-    UPDATE area_usage SET stored_bytes = stored_bytes - (SELECT stored_size FROM objects WHERE id = OLD.object)
+    UPDATE area_usage SET stored_bytes = stored_bytes - coalesce((SELECT stored_size FROM objects WHERE id = OLD.object), 0)
         WHERE area = OLD.area;
 END;
 """

@@ -455,6 +455,14 @@ class Store:
                  "objects": self._total("objects")}
         return {"areas": areas, "total": total}
 
+    @property
+    def last_check_ns(self) -> Optional[int]:
+        """When the whole-store check last ran (None: never)."""
+        return self.db.get_meta("last_check_ns")
+
+    def record_check(self, when_ns: int) -> None:
+        self.db.set_meta("last_check_ns", when_ns)
+
     def inode_count(self) -> int:
         return self.db.one("SELECT COUNT(*) FROM inodes")[0]
 
