@@ -64,6 +64,11 @@ class Paths:
     key: Path
     log: Path
 
+    @property
+    def events(self) -> Path:
+        """The events file (JSON lines) beside the daemon's log."""
+        return self.log.with_name(self.log.stem + "-events.jsonl")
+
 
 def _root() -> Path:
     return Path(os.environ.get("TEMPFS_ROOT") or os.getcwd())
@@ -172,7 +177,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from .clock import daemon_clock
     from .daemon import serve
     store = _open_store(paths, key, config.dirty_limit, config.cache_limit, clock=daemon_clock())
-    serve(store, config, paths.mountpoint)
+    serve(store, config, paths.mountpoint, events_path=paths.events)
     return Exit.OK
 
 

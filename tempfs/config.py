@@ -104,6 +104,16 @@ _SEED_PURPOSE = {
 
 
 @dataclass(frozen=True)
+class Alerts:
+    """When the daemon raises an alert, and who hears of it."""
+
+    capacity_percent: int = 80           # an area this full of its max_size
+    refusals_per_minute: int = 5         # refused operations from one process within a minute
+    command: str | None = None           # run for each alert, fields in TEMPFS_ALERT_* variables
+    command_timeout: float = 10.0        # seconds before the command is killed
+
+
+@dataclass(frozen=True)
 class Config:
     """Validated settings. Equality ignores ``source``."""
 
@@ -114,6 +124,7 @@ class Config:
     source: str = field(default=DEFAULTS_SOURCE, compare=False)
     min_free: int = _DEFAULT_MIN_FREE            # bytes kept free on the store's disk; 0: no floor
     check_interval: float = _DEFAULT_CHECK_INTERVAL  # seconds between whole-store checks
+    alerts: "Alerts" = field(default_factory=lambda: Alerts())
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "folders", tuple(self.folders))
@@ -337,6 +348,17 @@ min_free = "{min_free}"
 # interval: how often the daemon checks the whole store (every object present and authentic,
 # reference counts and usage counters right, no orphan objects) and repairs what it safely can.
 interval = "{check}"
+
+[alerts]
+# An alert is logged at WARNING, written to the events file and handed to `command`, once per
+# condition until it clears: an area past capacity_percent of its max_size, a failed cleanup or
+# check, an integrity error, the disk under its floor, repeated refusals from one process.
+capacity_percent = 80
+refusals_per_minute = 5
+# command: a shell command run for each alert, with TEMPFS_ALERT_CONDITION, TEMPFS_ALERT_MESSAGE,
+# TEMPFS_ALERT_SINCE and the alert's other fields in the environment; killed after command_timeout.
+# command = "logger -t tempfs-alert \"$TEMPFS_ALERT_MESSAGE\""
+command_timeout = "10s"
 """
 
 
@@ -441,7 +463,7 @@ def _key_text(key: tuple[str, ...]) -> str:
 class _Loader:
     """Turns one parsed TOML document into a Config, raising ConfigError on the first problem."""
 
-    TABLES = ("tree", "policy", "memory", "space", "check")
+    TABLES = ("tree", "policy", "memory", "space", "check", "alerts")
     TREE_KEYS = ("folders",)
     POLICY_KEYS = ("max_age", "max_size", "auto_cleanup", "on_full")
     MEMORY_KEYS = ("dirty_limit", "cache_limit")
@@ -469,23 +491,27 @@ class _Loader:
         folders = self.load_tree(doc["tree"]) if "tree" in doc else _with_prefixes(SEED_LEAVES)
         policies = self.load_policies(doc.get("policy", {}), folders)
         dirty, cache = self.load_memory(doc.get("memory", {}))
-        min_free = self.load_value(("space",), doc.get("space", {}), "min_free", _parse_floor, _DEFAULT_MIN_FREE)
-        interval = self.load_value(("check",), doc.get("check", {}), "interval", parse_duration,
-                                   _DEFAULT_CHECK_INTERVAL)
-        return Config(folders, policies, dirty, cache, self.source, min_free=min_free, check_interval=interval)
+        space = self.load_table("space", doc.get("space", {}), {"min_free": (_parse_floor, _DEFAULT_MIN_FREE)})
+        check = self.load_table("check", doc.get("check", {}), {"interval": (parse_duration, _DEFAULT_CHECK_INTERVAL)})
+        alerts = self.load_table("alerts", doc.get("alerts", {}), _ALERT_KEYS)
+        return Config(folders, policies, dirty, cache, self.source, min_free=space["min_free"],
+                      check_interval=check["interval"], alerts=Alerts(**alerts))
 
-    def load_value(self, table_key: tuple[str, ...], table: Any, name: str, parse: Any, default: Any) -> Any:
-        """The one key of a single-key table, parsed, or its default."""
-        self.check_keys(table_key, table, (name,), f"key in [{table_key[0]}]")
-        if name not in table:
-            return default
-        try:
-            value = parse(table[name])
-        except ValueError as exc:
-            raise self.error(table_key + (name,), str(exc)) from None
-        if value:  # "0" needs no unit
-            _warn_bare_number(self.source, table_key + (name,), table[name])
-        return value
+    def load_table(self, name: str, table: Any, keys: Mapping[str, tuple[Any, Any]]) -> dict[str, Any]:
+        """A table of plain keys: each parsed by its parser, or its default."""
+        self.check_keys((name,), table, tuple(keys), f"key in [{name}]")
+        values = {}
+        for key, (parse, default) in keys.items():
+            if key not in table:
+                values[key] = default
+                continue
+            try:
+                values[key] = parse(table[key])
+            except ValueError as exc:
+                raise self.error((name, key), str(exc)) from None
+            if parse in (parse_size, parse_duration, _parse_floor) and values[key]:  # "0" needs no unit
+                _warn_bare_number(self.source, (name, key), table[key])
+        return values
 
     # -- [tree]
 
@@ -591,6 +617,32 @@ def _folder_problem(path: str) -> str | None:
         if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
             return f"has a component longer than {MAX_COMPONENT_BYTES} bytes (shorten it)"
     return None
+
+
+def _parse_percent(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise ValueError(f"{_show(value)} is not a percentage (write a whole number from 1 to 100)")
+    return value
+
+
+def _parse_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{_show(value)} is not a count (write a whole number, at least 1)")
+    return value
+
+
+def _parse_command(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{_show(value)} is not a command (write a shell command line as a string)")
+    return value
+
+
+_ALERT_KEYS = {
+    "capacity_percent": (_parse_percent, Alerts.capacity_percent),
+    "refusals_per_minute": (_parse_count, Alerts.refusals_per_minute),
+    "command": (_parse_command, Alerts.command),
+    "command_timeout": (parse_duration, Alerts.command_timeout),
+}
 
 
 def _parse_floor(value: Any) -> int:

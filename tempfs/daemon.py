@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Optional
 
 import pyfuse3
 import trio
@@ -14,6 +15,7 @@ import trio
 from . import layout
 from .config import Config
 from .fs import SCHEMA_FOLDER_MODE, TempFS
+from .monitor import Monitor
 from .space import AreaRule
 from .mounts import fusermount_unmount
 from .store import Store
@@ -56,19 +58,24 @@ def mount_options(store_path: Path) -> set[str]:
     return {"fsname=tempfs:" + str(store_path), "subtype=tempfs", "default_permissions", "allow_other"}
 
 
-def serve(store: Store, config: Config, mountpoint: Path) -> None:
-    """Mounts and serves until unmounted; always leaves the store closed and the mount gone."""
+def serve(store: Store, config: Config, mountpoint: Path, events_path: Optional[Path] = None) -> None:
+    """Mounts and serves until unmounted; always leaves the store closed and the mount gone.
+    Events (refusals, expiries, evictions, alerts, ...) go to `events_path` as JSON lines."""
     prepare_tree(store, config)
-    ops = TempFS(store, area_rules(config), config.min_free)
+    monitor = Monitor(events_path=events_path, alert_command=config.alerts.command,
+                      alert_timeout=config.alerts.command_timeout)
+    ops = TempFS(store, area_rules(config), config.min_free, monitor, config.alerts)
     pyfuse3.init(ops, str(mountpoint), mount_options(store.path))
-    log.info("mounted %s at %s (pid %d)", store.path, mountpoint, os.getpid())
+    monitor.event("mounted", f"mounted {store.path} at {mountpoint}", store=str(store.path),
+                  mountpoint=str(mountpoint), pid=os.getpid())
     daemon = _Daemon(store, ops, mountpoint, config.check_interval)
     try:
         trio.run(daemon.run)
     finally:
         pyfuse3.close(unmount=daemon.must_unmount)
         store.close()
-        log.info("unmounted %s; store closed", mountpoint)
+        monitor.event("unmounted", f"unmounted {mountpoint}; store closed", mountpoint=str(mountpoint))
+        monitor.close()
 
 
 class _Daemon:
@@ -86,6 +93,7 @@ class _Daemon:
             await nursery.start(self.ops.run_reaper)
             await nursery.start(self.ops.space.run_watch)
             await nursery.start(self._run_checks)
+            await nursery.start(self.ops.monitor.run_alert_command)
             nursery.start_soon(self._on_signals)
             await pyfuse3.main()
             self.must_unmount = self._terminated_by_us
@@ -109,11 +117,22 @@ class _Daemon:
     async def _check_once(self) -> None:
         """Runs the check (it logs each repair and problem itself) and keeps its report for status."""
         started = self.store.clock()
+        monitor = self.ops.monitor
         try:
-            self.ops.last_check = (await check_store(self.store, repair=True)).to_dict()
-        except Exception:
-            self.ops.stats["cleanup_failures"] += 1
+            report = await check_store(self.store, repair=True)
+        except Exception as e:
+            monitor.count("check_failures")
             log.exception("whole-store check failed; next try in %.0f s", self.check_interval_ns / 1e9)
+            monitor.alert("check_failed", f"the whole-store check failed: {e}")
+        else:
+            monitor.count("check_runs")
+            monitor.clear("check_failed")
+            self.ops.last_check = report.to_dict()
+            if report.damaged:
+                monitor.alert("store_damage", f"the whole-store check found {len(report.damaged)} problems it "
+                              "cannot repair (see the log)", problems=len(report.damaged))
+            else:
+                monitor.clear("store_damage")
         self.store.record_check(started)
 
     async def _on_signals(self) -> None:

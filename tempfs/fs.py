@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import time
+import collections
 from collections import Counter
 from typing import Optional, Sequence
 
@@ -22,6 +23,8 @@ import trio
 from pyfuse3 import FUSEError
 
 from . import __version__, layout
+from .config import Alerts
+from .monitor import Monitor
 from .space import AreaRule, Space
 from .store import BlockReadError, Inode, Store, StoreError
 
@@ -45,6 +48,7 @@ def _errors(method):
     because an exception escaping a handler would stop the whole FUSE loop."""
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
+        started = time.perf_counter()
         try:
             return await method(self, *args, **kwargs)
         except FUSEError:
@@ -52,8 +56,7 @@ def _errors(method):
         except StoreError as e:
             raise FUSEError(e.errno) from None
         except BlockReadError as e:
-            log.error("integrity error: %s: %s", self.store.path_of(e.inode), e.reason)
-            self.stats["integrity_errors"] += 1
+            self._integrity_error(e)
             raise FUSEError(errno.EIO) from None
         except OSError as e:  # the disk under the store: ENOSPC, EIO, ...
             log.error("%s failed: %s", method.__name__, e)
@@ -61,6 +64,8 @@ def _errors(method):
         except Exception:
             log.exception("%s failed", method.__name__)
             raise FUSEError(errno.EIO) from None
+        finally:
+            self.monitor.observe(method.__name__, time.perf_counter() - started)
     return wrapper
 
 
@@ -79,12 +84,16 @@ class TempFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, store: Store, rules: dict[str, AreaRule], min_free: int = 0) -> None:
+    def __init__(self, store: Store, rules: dict[str, AreaRule], min_free: int = 0,
+                 monitor: Optional[Monitor] = None, alerts: Alerts = Alerts()) -> None:
         super().__init__()
         self.store = store
+        self.monitor = monitor or Monitor()
         self.capacity = sum(rule.max_size or 0 for rule in rules.values())
-        self.space = Space(store, rules, min_free, evict=self._evict, is_open=lambda ino: self._opens[ino] > 0)
-        self.stats: Counter[str] = Counter()
+        self.space = Space(store, rules, min_free, self.monitor, evict=self._evict,
+                           is_open=lambda ino: self._opens[ino] > 0, alert_percent=alerts.capacity_percent)
+        self.refusals_per_minute = alerts.refusals_per_minute
+        self._refusals: dict[int, collections.deque[float]] = {}  # pid -> times of its recent refusals
         self.started = time.time()
         self._lookups: Counter[int] = Counter()
         self._opens: Counter[int] = Counter()
@@ -133,11 +142,33 @@ class TempFS(pyfuse3.Operations):
         return self._attributes(node)
 
     def _refuse(self, reason: str, ctx: Optional[pyfuse3.RequestContext], path: str) -> FUSEError:
-        self.stats["refused"] += 1
         pid = ctx.pid if ctx is not None else 0
         uid = ctx.uid if ctx is not None else -1
-        log.warning("refused: %s: path=%s pid=%d uid=%d command=%s", reason, path, pid, uid, _command(pid))
+        command = _command(pid)
+        self.monitor.count("refused")
+        self.monitor.event("refused", reason, logging.WARNING, path=path, pid=pid, uid=uid, command=command)
+        recent = self._refusals.setdefault(pid, collections.deque())
+        now = time.monotonic()
+        recent.append(now)
+        while recent[0] < now - 60:
+            recent.popleft()
+        if len(recent) >= self.refusals_per_minute:
+            self.monitor.alert(f"refusals:{pid}", f"repeated refused operations from {command} (pid {pid})",
+                               pid=pid, uid=uid, command=command, path=path)
         return FUSEError(errno.EPERM)
+
+    def _rearm_refusal_alerts(self) -> None:
+        """A process that stopped being refused for a minute may raise its alert again."""
+        quiet = time.monotonic() - 60
+        for pid in [pid for pid, recent in self._refusals.items() if recent[-1] < quiet]:
+            del self._refusals[pid]
+            self.monitor.clear(f"refusals:{pid}")
+
+    def _integrity_error(self, e: BlockReadError) -> None:
+        path = self.store.path_of(e.inode)
+        self.monitor.count("integrity_errors")
+        self.monitor.event("integrity_error", e.reason, logging.ERROR, path=path, block=e.blockno)
+        self.monitor.alert(f"integrity:{e.inode}", f"content of {path} fails its integrity check", path=path)
 
     def _child_path(self, parent: int, name: bytes) -> str:
         base = self.store.path_of(parent).rstrip("/")
@@ -461,9 +492,14 @@ class TempFS(pyfuse3.Operations):
             now = self.store.clock()
             try:
                 await self.reap(now)
-            except Exception:
-                self.stats["cleanup_failures"] += 1
+            except Exception as e:
+                self.monitor.count("cleanup_failures")
                 log.exception("cleanup pass failed; retrying")
+                self.monitor.alert("cleanup_failed", f"a cleanup pass failed: {e}")
+            else:
+                self.monitor.count("cleanup_runs")
+                self.monitor.clear("cleanup_failed")
+            self._rearm_refusal_alerts()
             upcoming = self.store.next_deadline(after=now)
             nap = REAPER_NAP if upcoming is None else min(REAPER_NAP, (upcoming - now) / 1e9)
             with trio.move_on_after(max(nap, 0.0)):
@@ -484,8 +520,8 @@ class TempFS(pyfuse3.Operations):
                     continue
                 gone += self._expire(ino)
         if gone:
-            self.stats["expired"] += len(gone)
-            log.info("expired %d entries", len(gone))
+            self.monitor.count("expired", len(gone))
+            self.monitor.event("expired", f"expired {len(gone)} entries", count=len(gone))
         return len(gone)
 
     def _expire(self, ino: int) -> list[tuple[int, bytes]]:
@@ -535,8 +571,8 @@ class TempFS(pyfuse3.Operations):
         usage["daemon"] = {
             "pid": os.getpid(), "version": __version__, "uptime_seconds": round(time.time() - self.started, 1),
             "store": str(self.store.path), "dirty_bytes": self.store.blocks.dirty_bytes,
-            "refused": self.stats["refused"], "integrity_errors": self.stats["integrity_errors"],
-            "expired": self.stats["expired"], "cleanup_failures": self.stats["cleanup_failures"],
+            "refused": self.monitor.totals["refused"], "integrity_errors": self.monitor.totals["integrity_errors"],
+            "expired": self.monitor.totals["expired"], "cleanup_failures": self.monitor.totals["cleanup_failures"],
             "last_check": self.last_check,
         }
         return usage

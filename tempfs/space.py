@@ -29,6 +29,7 @@ from typing import AsyncIterator, Callable, Optional
 import trio
 
 from .codec import SEAL_OVERHEAD
+from .monitor import Monitor
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,12 @@ class AreaRule:
 
 
 class Space:
-    def __init__(self, store: Store, rules: dict[str, AreaRule], min_free: int, *,
-                 evict: Callable[[int], None], is_open: Callable[[int], bool]) -> None:
+    def __init__(self, store: Store, rules: dict[str, AreaRule], min_free: int, monitor: Monitor, *,
+                 evict: Callable[[int], None], is_open: Callable[[int], bool], alert_percent: int = 80) -> None:
         """`evict(ino)` removes a closed file as an expiry would; `is_open(ino)` says if it may."""
         self.store = store
+        self.monitor = monitor
+        self.alert_percent = alert_percent
         self.rules = rules
         self.min_free = min_free
         self._evict_file = evict
@@ -128,8 +131,8 @@ class Space:
                                    f"a write needs up to {need} more")
             evicted += 1
         if evicted:
-            log.info("evicted %d least recently used files from %s/ to keep it within %d bytes",
-                     evicted, area, limit)
+            self.monitor.event("evicted", f"evicted {evicted} least recently used files to keep {area}/ "
+                               f"within its limit", area=area, count=evicted, limit_bytes=limit)
 
     def _evict_one(self, area: str) -> bool:
         skip = 0
@@ -138,16 +141,19 @@ class Space:
                 if not self._is_open(ino):
                     self._evict_file(ino)
                     self.evicted[area] += 1
+                    self.monitor.count("evicted")
+                    self.monitor.count(f"evicted:{area}")
                     return True
             skip += len(batch)
         return False
 
     def _refuse(self, area: str, reason: str) -> None:
         self.refused[area] += 1
+        self.monitor.count("refused_full")
         now = time.monotonic()
         if now - self._complained.get(area, -math.inf) >= COMPLAIN_INTERVAL:
             self._complained[area] = now
-            log.warning("write refused (ENOSPC): %s", reason)
+            self.monitor.event("write_refused", f"ENOSPC: {reason}", logging.WARNING, area=area)
         raise StoreError(errno.ENOSPC, reason)
 
     # ---- the floor -----------------------------------------------------------------------
@@ -187,27 +193,43 @@ class Space:
                 evicted += 1
                 freed += before - self.store.stored_bytes()
             if evicted:
-                log.info("evicted %d files from %s/: the disk under the store is below its %d-byte floor",
-                         evicted, area, self.min_free)
+                self.monitor.event("evicted", f"evicted {evicted} files: the disk under the store is below "
+                                   "its floor", area=area, count=evicted, min_free_bytes=self.min_free)
         if freed:
             await self.store.commit()  # the object files go once the commit lands
             self._probe()
         return freed
 
     async def run_watch(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Keeps the floor when the disk fills from elsewhere, with nobody writing here."""
+        """Keeps the floor when the disk fills from elsewhere, with nobody writing here, and
+        raises the capacity alerts."""
         task_status.started()
-        short = False
         while True:
             await trio.sleep(WATCH_INTERVAL)
-            if not self.min_free:
+            self._watch_capacity()
+            if self.min_free:
+                await self._keep_floor()
+
+    async def _keep_floor(self) -> None:
+        self._probe()
+        deficit = self.min_free - self.free_bytes()
+        if deficit > 0:
+            await self.free_disk(deficit)
+        if self.free_bytes() < self.min_free:
+            self.monitor.alert("disk_floor", f"the disk under the store has {max(self.free_bytes(), 0)} bytes "
+                               f"free, below its {self.min_free}-byte floor, and nothing more may be evicted: "
+                               "writes fail with ENOSPC", free_bytes=self.free_bytes(), min_free_bytes=self.min_free)
+        else:
+            self.monitor.clear("disk_floor")
+
+    def _watch_capacity(self) -> None:
+        for area in self.rules:
+            limit = self.limit(area)
+            if not limit:
                 continue
-            self._probe()
-            deficit = self.min_free - self.free_bytes()
-            if deficit > 0:
-                await self.free_disk(deficit)
-            below = self.free_bytes() < self.min_free
-            if below and not short:
-                log.warning("the disk under the store has %d bytes free, below its %d-byte floor, and "
-                            "nothing more may be evicted: writes fail with ENOSPC", self.free_bytes(), self.min_free)
-            short = below
+            used = self.store.area_stored(area)
+            if used * 100 >= limit * self.alert_percent:
+                self.monitor.alert(f"capacity:{area}", f"{area}/ holds {used * 100 // limit} % of its limit",
+                                   area=area, used_bytes=used, limit_bytes=limit)
+            else:
+                self.monitor.clear(f"capacity:{area}")

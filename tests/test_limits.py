@@ -177,7 +177,7 @@ def test_evict_area_keeps_within_its_limit_by_dropping_least_recently_used(make_
     assert usage(m, "cache")["evicted"] >= 4
     for name in lru:
         assert (folder / name).read_bytes() == content[name]
-    assert "least recently used files from cache/" in m.log_text()
+    assert "least recently used files to keep cache/ within its limit" in m.log_text()
 
 
 def test_an_open_file_is_never_evicted(make_mount):
@@ -217,7 +217,7 @@ def test_refuse_area_answers_enospc_and_deletes_nothing(make_mount):
     processing = usage(m, "processing")
     assert processing["stored_bytes"] <= processing["limit_bytes"] == MiB
     assert (processing["refused_full"], processing["evicted"]) == (2, 0)
-    assert "write refused (ENOSPC): processing/ is full" in m.log_text()
+    assert "write_refused: ENOSPC: processing/ is full" in m.log_text()
     # room again once a file is deleted
     os.remove(uploads / "big")
     data = os.urandom(300_000)
