@@ -36,6 +36,10 @@ STATUS_XATTR = XATTR_PREFIX + b"status"
 PID_XATTR = XATTR_PREFIX + b"pid"
 TTL_XATTR = XATTR_PREFIX + b"ttl"
 EXPIRES_XATTR = XATTR_PREFIX + b"expires"
+AREA_XATTR = XATTR_PREFIX + b"area"
+STORED_XATTR = XATTR_PREFIX + b"stored_size"
+ENCRYPTED_XATTR = XATTR_PREFIX + b"encrypted"
+CONTENT_CIPHER = b"aes-256-gcm"  # what user.tempfs.encrypted says of every file's content
 SCHEMA_FOLDER_MODE = 0o1777
 KERNEL_CACHE_SECONDS = 300.0  # tempfs is the only writer: the kernel may cache long...
 REAPER_NAP = 1.0              # ...but never past a deadline; the reaper looks again this often
@@ -100,6 +104,7 @@ class TempFS(pyfuse3.Operations):
         self._waiting: set[int] = set()  # due, but open or a folder with entries: looked at next pass
         self._reaper_wake = trio.Event()
         self.last_check: Optional[dict] = None  # the report of the daemon's last whole-store check
+        self.key_path: Optional[str] = None       # shown by status; set by whoever knows it
 
     # ---- replies -------------------------------------------------------------------------
     def _attributes(self, node: Inode) -> pyfuse3.EntryAttributes:
@@ -255,7 +260,9 @@ class TempFS(pyfuse3.Operations):
             gid = folder.gid
             if is_dir:
                 mode |= stat.S_ISGID
-        return self.store.make(parent, name, mode, ctx.uid, gid, rdev=rdev, target=target)
+        node = self.store.make(parent, name, mode, ctx.uid, gid, rdev=rdev, target=target)
+        self.monitor.count("creates")
+        return node
 
     @_errors
     async def readlink(self, inode, ctx):
@@ -281,6 +288,7 @@ class TempFS(pyfuse3.Operations):
     async def _remove(self, parent: int, name: bytes, ctx, want_dir: bool) -> None:
         self._check_schema(self._named(parent, name), "removed", ctx, self._child_path(parent, name))
         node = self.store.unlink(parent, name, want_dir=want_dir)
+        self.monitor.count("deletes")
         self._release_if_unused(node.id)
 
     @_errors
@@ -347,7 +355,10 @@ class TempFS(pyfuse3.Operations):
             return str(os.getpid()).encode()
         if name in (EXPIRES_XATTR, TTL_XATTR):
             return self._deadline_text(self.store.inode(inode), remaining=(name == TTL_XATTR))
-        value = self.store.get_xattr(inode, name)
+        if name.startswith(XATTR_PREFIX):
+            value = self._facts(self.store.inode(inode)).get(name)
+        else:
+            value = self.store.get_xattr(inode, name)
         if value is None:
             raise FUSEError(pyfuse3.ENOATTR)
         return value
@@ -390,14 +401,23 @@ class TempFS(pyfuse3.Operations):
         if not self.store.remove_xattr(inode, name):
             raise FUSEError(pyfuse3.ENOATTR)
 
+    def _facts(self, node: Inode) -> dict[bytes, bytes]:
+        """The read-only user.tempfs.* attributes of an entry (the kernel allows user.*
+        attributes on files and folders only)."""
+        if not (node.is_dir or stat.S_ISREG(node.mode)) or node.area is None:
+            return {}
+        facts = {AREA_XATTR: node.area.encode()}
+        if node.expires_ns is not None:
+            facts[EXPIRES_XATTR] = self._deadline_text(node, remaining=False)
+        if not node.is_dir:
+            stored = node.stored_bytes + self.store.blocks.dirty_by_inode[node.id]
+            facts[STORED_XATTR] = str(stored).encode()
+            facts[ENCRYPTED_XATTR] = CONTENT_CIPHER
+        return facts
+
     @_errors
     async def listxattr(self, inode, ctx):
-        names = self.store.xattr_names(inode)
-        node = self.store.inode(inode)
-        # the kernel allows user.* attributes on files and folders only
-        if node.expires_ns is not None and (node.is_dir or stat.S_ISREG(node.mode)):
-            names.append(EXPIRES_XATTR)
-        return names
+        return self.store.xattr_names(inode) + list(self._facts(self.store.inode(inode)))
 
     # ---- folders -------------------------------------------------------------------------
     @_errors
@@ -446,7 +466,9 @@ class TempFS(pyfuse3.Operations):
 
     @_errors
     async def read(self, fh, off, size):
-        return await self.store.read(fh, off, size)
+        data = await self.store.read(fh, off, size)
+        self.monitor.count("bytes_read", len(data))
+        return data
 
     @_errors
     async def write(self, fh, off, buf):
@@ -465,6 +487,7 @@ class TempFS(pyfuse3.Operations):
                     return done  # a short write: the program's next one gets ENOSPC
                 raise
             done += n
+            self.monitor.count("bytes_written", n)
         return done
 
     async def flush(self, fh):
@@ -519,6 +542,7 @@ class TempFS(pyfuse3.Operations):
                     self._waiting.add(ino)
                     continue
                 gone += self._expire(ino)
+                self.monitor.count(f"expired:{node.area}")
         if gone:
             self.monitor.count("expired", len(gone))
             self.monitor.event("expired", f"expired {len(gone)} entries", count=len(gone))
@@ -564,18 +588,40 @@ class TempFS(pyfuse3.Operations):
     def status(self) -> dict:
         """What `tempfs status` shows, read from the running daemon."""
         usage = self.store.usage()
+        times = self.store.area_times()
         for area, info in usage["areas"].items():
-            info.update(limit_bytes=self.space.limit(area), evicted=self.space.evicted[area],
-                        refused_full=self.space.refused[area])
+            oldest, next_deadline = times.get(area, (None, None))
+            limit = self.space.limit(area)
+            info.update(limit_bytes=limit, percent_used=round(100 * info["stored_bytes"] / limit, 1) if limit else None,
+                        oldest=_iso(oldest), next_deadline=_iso(next_deadline),
+                        evicted=self.space.evicted[area], refused_full=self.space.refused[area],
+                        **self._recent(f"expired:{area}", "expired"), **self._recent(f"evicted:{area}", "evicted"))
         usage["disk"] = {"free_bytes": self.space.free_bytes(), "min_free_bytes": self.space.min_free}
-        usage["daemon"] = {
+        usage["daemon"] = self._daemon_facts()
+        return usage
+
+    def _recent(self, key: str, label: str) -> dict[str, int]:
+        return {f"{label}_last_hour": self.monitor.recent(key, 3600), f"{label}_last_day": self.monitor.recent(key, 86400)}
+
+    def _daemon_facts(self) -> dict:
+        totals, blocks = self.monitor.totals, self.store.blocks
+        runs = totals["cleanup_runs"] + totals["cleanup_failures"]
+        reads = blocks.hits + blocks.misses
+        per_second = {f"{label}_per_second": round(self.monitor.recent(key, 60) / 60, 3) for key, label in
+                      (("bytes_read", "read_bytes"), ("bytes_written", "write_bytes"),
+                       ("creates", "creates"), ("deletes", "deletes"))}
+        return {
             "pid": os.getpid(), "version": __version__, "uptime_seconds": round(time.time() - self.started, 1),
-            "store": str(self.store.path), "dirty_bytes": self.store.blocks.dirty_bytes,
-            "refused": self.monitor.totals["refused"], "integrity_errors": self.monitor.totals["integrity_errors"],
-            "expired": self.monitor.totals["expired"], "cleanup_failures": self.monitor.totals["cleanup_failures"],
+            "store": str(self.store.path), "key": self.key_path, "rss_bytes": _rss_bytes(),
+            "dirty_bytes": blocks.dirty_bytes, "cache_hit_rate": round(blocks.hits / reads, 3) if reads else None,
+            **per_second,
+            "cleanup_runs": totals["cleanup_runs"], "cleanup_failures": totals["cleanup_failures"],
+            "cleanup_success_rate": round(totals["cleanup_runs"] / runs, 4) if runs else None,
+            "refused": totals["refused"], "refused_last_hour": self.monitor.recent("refused", 3600),
+            "integrity_errors": totals["integrity_errors"], "expired": totals["expired"],
+            "evicted": totals["evicted"], "alerts": list(self.monitor.active_alerts.values()),
             "last_check": self.last_check,
         }
-        return usage
 
 
 def _block_pieces(offset: int, length: int, block_size: int) -> list[tuple[int, int]]:
@@ -587,6 +633,23 @@ def _block_pieces(offset: int, length: int, block_size: int) -> list[tuple[int, 
         pieces.append((offset, n))
         offset += n
     return pieces
+
+
+def _iso(ns: Optional[int]) -> Optional[str]:
+    if ns is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns // 10**9))
+
+
+def _rss_bytes() -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _command(pid: int) -> str:

@@ -908,7 +908,8 @@ def _snapshot(root: Path) -> dict:
                 "mode": st.st_mode, "uid": st.st_uid, "gid": st.st_gid, "nlink": st.st_nlink,
                 "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "rdev": st.st_rdev,
                 "size": st.st_size if not stat.S_ISDIR(st.st_mode) else None,
-                "xattrs": _xattrs(p),
+                # the stored size changes once written data is stored: not a change by the remount
+                "xattrs": {k: v for k, v in _xattrs(p).items() if k != "user.tempfs.stored_size"},
             }
             if stat.S_ISLNK(st.st_mode):
                 entry["target"] = os.readlink(p)

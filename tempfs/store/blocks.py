@@ -65,6 +65,7 @@ class BlockStore:
         self._flush_wanted = trio.Event()  # stays set until the flusher takes it: no lost wake-up
         self._room_lot = trio.lowlevel.ParkingLot()
         self.in_flight: set[int] = set()  # object files being written, not yet in the object table
+        self.hits = self.misses = 0       # block reads answered from memory / from object files
 
     # ---- reading -------------------------------------------------------------------------
     async def read(self, inode: int, offset: int, size: int, file_size: int) -> bytes:
@@ -98,8 +99,10 @@ class BlockStore:
                 elif object_id in self._clean:
                     self._clean.move_to_end(object_id)
                     found[blockno] = self._clean[object_id]
+                    self.hits += 1
                 else:
                     wanted[blockno] = object_id
+                    self.misses += 1
             if not wanted:
                 return [found[b] for b in blocknos]
             keys = {oid: self._wrapped_key(oid) for oid in set(wanted.values())}

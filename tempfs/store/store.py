@@ -463,6 +463,12 @@ class Store:
     def record_check(self, when_ns: int) -> None:
         self.db.set_meta("last_check_ns", when_ns)
 
+    def area_times(self) -> dict[str, tuple[Optional[int], Optional[int]]]:
+        """Per area: the oldest entry's last change and the next deadline (ns)."""
+        return {area: (oldest, deadline) for area, oldest, deadline in self.db.execute(
+            "SELECT area, min(ctime_ns), min(expires_ns) FROM inodes WHERE kind=? AND nlink>0 AND area IS NOT NULL "
+            "GROUP BY area", (Kind.FREE,))}
+
     def inode_count(self) -> int:
         return self.db.one("SELECT COUNT(*) FROM inodes")[0]
 
