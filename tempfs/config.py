@@ -21,9 +21,11 @@ Only the standard library is used (``tomllib``).
 from __future__ import annotations
 
 import difflib
+import grp
 import json
 import logging
 import math
+import pwd
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -114,6 +116,15 @@ class Alerts:
 
 
 @dataclass(frozen=True)
+class Access:
+    """Who may reach one schema folder; None keeps tempfs's default (the mounting user, 1777)."""
+
+    owner: int | None = None  # uid
+    group: int | None = None  # gid
+    mode: int | None = None   # permission bits, e.g. 0o750
+
+
+@dataclass(frozen=True)
 class Config:
     """Validated settings. Equality ignores ``source``."""
 
@@ -125,6 +136,7 @@ class Config:
     min_free: int = _DEFAULT_MIN_FREE            # bytes kept free on the store's disk; 0: no floor
     check_interval: float = _DEFAULT_CHECK_INTERVAL  # seconds between whole-store checks
     alerts: "Alerts" = field(default_factory=lambda: Alerts())
+    access: Mapping[str, Access] = field(default_factory=dict, hash=False)  # schema folder -> Access
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "folders", tuple(self.folders))
@@ -463,7 +475,7 @@ def _key_text(key: tuple[str, ...]) -> str:
 class _Loader:
     """Turns one parsed TOML document into a Config, raising ConfigError on the first problem."""
 
-    TABLES = ("tree", "policy", "memory", "space", "check", "alerts")
+    TABLES = ("tree", "policy", "memory", "space", "check", "alerts", "access")
     TREE_KEYS = ("folders",)
     POLICY_KEYS = ("max_age", "max_size", "auto_cleanup", "on_full")
     MEMORY_KEYS = ("dirty_limit", "cache_limit")
@@ -491,26 +503,38 @@ class _Loader:
         folders = self.load_tree(doc["tree"]) if "tree" in doc else _with_prefixes(SEED_LEAVES)
         policies = self.load_policies(doc.get("policy", {}), folders)
         dirty, cache = self.load_memory(doc.get("memory", {}))
-        space = self.load_table("space", doc.get("space", {}), {"min_free": (_parse_floor, _DEFAULT_MIN_FREE)})
-        check = self.load_table("check", doc.get("check", {}), {"interval": (parse_duration, _DEFAULT_CHECK_INTERVAL)})
-        alerts = self.load_table("alerts", doc.get("alerts", {}), _ALERT_KEYS)
+        space = self.load_table(("space",), doc.get("space", {}), {"min_free": (_parse_floor, _DEFAULT_MIN_FREE)})
+        check = self.load_table(("check",), doc.get("check", {}), {"interval": (parse_duration, _DEFAULT_CHECK_INTERVAL)})
+        alerts = self.load_table(("alerts",), doc.get("alerts", {}), _ALERT_KEYS)
+        access = self.load_access(doc.get("access", {}), folders)
         return Config(folders, policies, dirty, cache, self.source, min_free=space["min_free"],
-                      check_interval=check["interval"], alerts=Alerts(**alerts))
+                      check_interval=check["interval"], alerts=Alerts(**alerts), access=MappingProxyType(access))
 
-    def load_table(self, name: str, table: Any, keys: Mapping[str, tuple[Any, Any]]) -> dict[str, Any]:
+    def load_access(self, table: Any, folders: tuple[str, ...]) -> dict[str, Access]:
+        if not isinstance(table, dict):
+            raise self.error(("access",), f'{_show(table)} is not a table (write [access."FOLDER"] tables)')
+        access = {}
+        for name, keys in table.items():
+            folder = name.rstrip("/")
+            if folder not in folders:
+                raise self.error(("access", name), self.unknown_folder(name, folders))
+            access[folder] = Access(**self.load_table(("access", name), keys, _ACCESS_KEYS))
+        return access
+
+    def load_table(self, key: tuple[str, ...], table: Any, keys: Mapping[str, tuple[Any, Any]]) -> dict[str, Any]:
         """A table of plain keys: each parsed by its parser, or its default."""
-        self.check_keys((name,), table, tuple(keys), f"key in [{name}]")
+        self.check_keys(key, table, tuple(keys), f"key in [{_key_text(key)}]")
         values = {}
-        for key, (parse, default) in keys.items():
-            if key not in table:
-                values[key] = default
+        for name, (parse, default) in keys.items():
+            if name not in table:
+                values[name] = default
                 continue
             try:
-                values[key] = parse(table[key])
+                values[name] = parse(table[name])
             except ValueError as exc:
-                raise self.error((name, key), str(exc)) from None
-            if parse in (parse_size, parse_duration, _parse_floor) and values[key]:  # "0" needs no unit
-                _warn_bare_number(self.source, (name, key), table[key])
+                raise self.error(key + (name,), str(exc)) from None
+            if parse in (parse_size, parse_duration, _parse_floor) and values[name]:  # "0" needs no unit
+                _warn_bare_number(self.source, key + (name,), table[name])
         return values
 
     # -- [tree]
@@ -643,6 +667,39 @@ _ALERT_KEYS = {
     "command": (_parse_command, Alerts.command),
     "command_timeout": (parse_duration, Alerts.command_timeout),
 }
+
+
+def _parse_user(value: Any) -> int:
+    return _parse_id(value, pwd.getpwnam, "user")
+
+
+def _parse_group(value: Any) -> int:
+    return _parse_id(value, grp.getgrnam, "group")
+
+
+def _parse_id(value: Any, lookup: Any, what: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32:
+        return value
+    if isinstance(value, str) and value:
+        try:
+            entry = lookup(value)
+        except KeyError:
+            raise ValueError(f"{_show(value)}: no such {what} on this machine") from None
+        return entry[2]
+    raise ValueError(f"{_show(value)} is not a {what} (write a name or a numeric id)")
+
+
+def _parse_mode(value: Any) -> int:
+    try:
+        mode = int(value, 8) if isinstance(value, str) else value
+    except ValueError:
+        mode = None
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+        raise ValueError(f'{_show(value)} is not a mode (write octal digits as a string, e.g. "0750")')
+    return mode
+
+
+_ACCESS_KEYS = {"owner": (_parse_user, None), "group": (_parse_group, None), "mode": (_parse_mode, None)}
 
 
 def _parse_floor(value: Any) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +14,7 @@ import pyfuse3
 import trio
 
 from . import layout
-from .config import Config
+from .config import Access, Config
 from .fs import SCHEMA_FOLDER_MODE, TempFS
 from .monitor import Monitor
 from .space import AreaRule
@@ -35,9 +36,25 @@ def prepare_tree(store: Store, config: Config) -> None:
     keep = [store.ensure_folder(path, kinds[path], SCHEMA_FOLDER_MODE, os.getuid(), os.getgid(),
                                 policy=config.policy_key(path))
             for path in config.folders]
+    for path, ino in zip(config.folders, keep):
+        _apply_access(store, ino, path, config.access.get(path, Access()))
     for path in store.unmark_schema(keep):
         log.warning("%s is no longer declared by the config: it is now an ordinary folder", path)
     store.commit_now()
+
+
+def _apply_access(store: Store, ino: int, path: str, access: Access) -> None:
+    """Gives a schema folder the owner, group and mode the config sets (tempfs's defaults where
+    it sets none), at every mount: the kernel enforces them (default_permissions)."""
+    node = store.inode(ino)
+    wanted = {"mode": stat.S_IFDIR | (SCHEMA_FOLDER_MODE if access.mode is None else access.mode),
+              "uid": os.getuid() if access.owner is None else access.owner,
+              "gid": os.getgid() if access.group is None else access.group}
+    changes = {k: v for k, v in wanted.items() if getattr(node, k) != v}
+    if changes:
+        store.set_attrs(ino, **changes)
+        log.info("%s/: access set to owner %d, group %d, mode %04o", path, wanted["uid"], wanted["gid"],
+                 stat.S_IMODE(wanted["mode"]))
 
 
 def area_rules(config: Config) -> dict[str, AreaRule]:
@@ -58,7 +75,8 @@ def mount_options(store_path: Path) -> set[str]:
     return {"fsname=tempfs:" + str(store_path), "subtype=tempfs", "default_permissions", "allow_other"}
 
 
-def serve(store: Store, config: Config, mountpoint: Path, events_path: Optional[Path] = None) -> None:
+def serve(store: Store, config: Config, mountpoint: Path, events_path: Optional[Path] = None,
+          metrics=None) -> None:
     """Mounts and serves until unmounted; always leaves the store closed and the mount gone.
     Events (refusals, expiries, evictions, alerts, ...) go to `events_path` as JSON lines."""
     prepare_tree(store, config)
@@ -69,6 +87,7 @@ def serve(store: Store, config: Config, mountpoint: Path, events_path: Optional[
     monitor.event("mounted", f"mounted {store.path} at {mountpoint}", store=str(store.path),
                   mountpoint=str(mountpoint), pid=os.getpid())
     daemon = _Daemon(store, ops, mountpoint, config.check_interval)
+    daemon.metrics = metrics  # a metrics.MetricsServer (already listening), or None
     try:
         trio.run(daemon.run)
     finally:
@@ -94,6 +113,8 @@ class _Daemon:
             await nursery.start(self.ops.space.run_watch)
             await nursery.start(self._run_checks)
             await nursery.start(self.ops.monitor.run_alert_command)
+            if self.metrics is not None:
+                await nursery.start(self.metrics.run, self.ops)
             nursery.start_soon(self._on_signals)
             await pyfuse3.main()
             self.must_unmount = self._terminated_by_us
@@ -101,6 +122,7 @@ class _Daemon:
         await self.store.sync()
 
     _terminated_by_us = False
+    metrics = None
 
     async def _run_checks(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The seed's weekly whole-tree cleanup, made a check of the whole store: due

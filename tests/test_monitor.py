@@ -2,8 +2,11 @@
 import errno
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +141,35 @@ def test_status_has_the_admin_facts(mounted):
     assert d["rss_bytes"] > 10 * 1024 * 1024
     assert d["cleanup_runs"] >= 1 and d["cleanup_success_rate"] == 1.0
     assert d["alerts"] == []
+
+
+@pytest.fixture
+def walkable_base():
+    """A folder other users can walk through (pytest's tmp is 0700 for root)."""
+    base = Path(tempfile.mkdtemp(prefix="tempfs-access-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_access_per_schema_folder_is_applied_at_every_mount_and_enforced(walkable_base, make_mount):
+    # walkable_base first: it is removed only after make_mount has unmounted
+    m = make_mount('[access."sessions"]\nowner = 0\ngroup = 4242\nmode = "0750"\n', base=walkable_base / "m")
+    os.chmod(m.base, 0o755)
+    sessions = m.path("sessions")
+    st = os.stat(sessions)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 4242, 0o750)
+    (sessions / "user_sessions" / "sess123.json").write_text("{}")
+    as_nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+    denied = subprocess.run([*as_nobody, "ls", str(sessions / "user_sessions")], capture_output=True, text=True)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    member = ["setpriv", "--reuid", "65534", "--regid", "65534", "--groups", "4242"]
+    allowed = subprocess.run([*member, "ls", str(sessions / "user_sessions")], capture_output=True, text=True)
+    assert allowed.returncode == 0 and "sess123.json" in allowed.stdout, allowed.stderr
+    assert subprocess.run([*as_nobody, "ls", str(m.path("cache"))]).returncode == 0  # the default: 1777
+    # dropped from the config: the default comes back at the next mount
+    m.stop()
+    m.config.write_text("")
+    m.start()
+    st = os.stat(sessions)
+    assert (st.st_uid, st.st_mode & 0o7777) == (os.getuid(), 0o1777)
