@@ -195,16 +195,23 @@ class TempFS(pyfuse3.Operations):
             raise self._refuse(reason, ctx, path)
 
     def _release_if_unused(self, ino: int) -> None:
-        if self._lookups[ino] <= 0 and self._opens[ino] <= 0:
-            self._lookups.pop(ino, None)
-            self._opens.pop(ino, None)
-            try:
-                node = self.store.inode(ino)
-            except StoreError:
-                return
-            if node.nlink == 0:
-                self._waiting.discard(ino)
-                self.store.remove_inode(ino)
+        """Frees what nobody can reach any more: a closed unnamed file's content at once, its
+        inode once the kernel has forgotten it too."""
+        if self._opens[ino] > 0:
+            return
+        try:
+            node = self.store.inode(ino)
+        except StoreError:
+            node = None
+        if self._lookups[ino] > 0:
+            if node is not None and node.nlink == 0:
+                self.store.discard_content(node)
+            return
+        self._lookups.pop(ino, None)
+        self._opens.pop(ino, None)
+        if node is not None and node.nlink == 0:
+            self._waiting.discard(ino)
+            self.store.remove_inode(ino)
 
     # ---- names ---------------------------------------------------------------------------
     def _named(self, parent: int, name: bytes) -> Inode:

@@ -462,3 +462,16 @@ def test_du_catches_up_once_written_data_is_stored(make_mount):
     assert usage(m, "processing")["stored_bytes"] < 8 * BLOCK // 20
     # the kernel keeps attributes at most a second while a file has data pending
     assert wait_until(lambda: du(path) < 8 * BLOCK // 20, timeout=5)
+
+
+def test_space_of_a_removed_file_is_freed_at_once_but_not_while_open(make_mount):
+    m = make_mount(config())
+    gone, held = m.path(UPLOADS, "gone"), m.path(UPLOADS, "held")
+    put(gone, os.urandom(FILE))
+    put(held, data := os.urandom(FILE))
+    os.stat(gone)  # the kernel holds both inodes: they are freed before it forgets them
+    with open(held, "rb") as f:
+        sh("rm", gone, held)
+        assert usage(m, "processing")["stored_bytes"] == FILE_STORED  # only the open one is left
+        assert f.read() == data
+    assert wait_until(lambda: usage(m, "processing")["stored_bytes"] == 0, timeout=5)

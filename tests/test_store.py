@@ -14,7 +14,7 @@ import time
 import pytest
 import trio
 
-from tempfs.codec import MASTER_KEY_BYTES, ContentCodec
+from tempfs.codec import MASTER_KEY_BYTES, ContentCodec, IntegrityError
 from tempfs.layout import Kind
 from tempfs.store import (ROOT_INODE, BlockReadError, Store, StoreError, StoreLockedError,
                           StoreOpenError, WrongKeyError)
@@ -774,6 +774,34 @@ async def test_deleted_object_keys_do_not_linger_in_the_database(opener):
         content = path.read_bytes()
         for key in wrapped:
             assert key not in content and key[12:] not in content, path
+
+
+@trio_test
+async def test_deleted_content_cannot_be_decrypted_even_from_reinstated_copies(opener):
+    """Crypto-shredding: an attacker who copied a file's object files and later gets the master
+    key and the store cannot decrypt them once the file is gone."""
+    store = opener()
+    folder = leaf(store)
+    keep = new_file(store, folder, b"keep")
+    await store.write(keep, 0, random.Random(8).randbytes(BLOCK_SIZE))  # a live object stays
+    victim = new_file(store, folder, b"face.jpg")
+    await store.write(victim, 0, MARKER + random.Random(9).randbytes(2 * BLOCK_SIZE))
+    await store.sync()
+    stolen = {oid: store.objects.path(oid).read_bytes()
+              for (oid,) in store.db.execute("SELECT object FROM blocks WHERE inode=?", (victim,))}
+    assert len(stolen) == 3
+    store.unlink(folder, b"face.jpg", want_dir=False)
+    store.remove_inode(victim)
+    await store.sync()
+    for oid, sealed in stolen.items():  # reinstated
+        store.objects.write(oid, sealed)
+    codec = ContentCodec(opener.key)
+    keys = [r[0] for r in store.db.execute("SELECT wrapped_key FROM objects")]
+    assert keys  # the live file's
+    for oid, sealed in stolen.items():
+        for wrapped in keys:
+            with pytest.raises(IntegrityError):
+                codec.open(oid, sealed, wrapped)
 
 
 @trio_test

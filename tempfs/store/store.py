@@ -313,15 +313,21 @@ class Store:
         names = self.db.execute("SELECT parent, name FROM entries WHERE inode=?", (ino,)).fetchall()
         node = self.inode(ino)
         self.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
-        # Nobody has it open, and with no name nobody can open it again: its space is freed now.
-        # With no deadline it leaves the reaper's index, waiting only for the kernel to forget it.
-        if node.stored_bytes or self.blocks.dirty_by_inode[ino]:
-            self.blocks.drop_after(ino, 0)
-        self.db.execute("UPDATE inodes SET nlink=0, size=0, life_ns=NULL, ttl_deadline_ns=NULL WHERE id=?", (ino,))
+        self.discard_content(node)
+        # with no deadline it leaves the reaper's index, waiting only for the kernel to forget it
+        self.db.execute("UPDATE inodes SET nlink=0, life_ns=NULL, ttl_deadline_ns=NULL WHERE id=?", (ino,))
         if node.is_dir:
             for parent, _name in names:
                 self.db.execute("UPDATE inodes SET nlink=nlink-1 WHERE id=?", (parent,))
         return names
+
+    def discard_content(self, node: Inode) -> None:
+        """Frees the content of a file that has no name left and is not open: nobody can open
+        it again, so its space (and, once the commit lands, its keys) go now rather than when
+        the kernel forgets the inode."""
+        if node.stored_bytes or self.blocks.dirty_by_inode[node.id]:
+            self.blocks.drop_after(node.id, 0)
+            self.db.execute("UPDATE inodes SET size=0 WHERE id=?", (node.id,))
 
     def due(self, now: int, limit: int) -> list[int]:
         """Entries whose deadline has passed, earliest first (an index range: the cost grows with
