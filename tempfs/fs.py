@@ -451,6 +451,9 @@ class TempFS(pyfuse3.Operations):
 
     @_errors
     async def fsyncdir(self, fh, datasync):
+        # also checkpoints the metadata, so names and keys removed so far leave no trace in
+        # its log (what `tempfs erase` relies on); programs rarely fsync folders, so it is cheap
+        self.store.db.shred_after_commit()
         await self.store.commit(durable=True)
 
     # ---- files ---------------------------------------------------------------------------
@@ -604,6 +607,7 @@ class TempFS(pyfuse3.Operations):
                         evicted=self.space.evicted[area], refused_full=self.space.refused[area],
                         **self._recent(f"expired:{area}", "expired"), **self._recent(f"evicted:{area}", "evicted"))
         usage["disk"] = {"free_bytes": self.space.free_bytes(), "min_free_bytes": self.space.min_free}
+        usage["schema_folders"] = self.store.schema_paths()
         usage["daemon"] = self._daemon_facts()
         return usage
 

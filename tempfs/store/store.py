@@ -524,6 +524,11 @@ class Store:
                         (kind, policy, parent))
         return parent
 
+    def schema_paths(self) -> list[str]:
+        """The schema folders, as paths below the root."""
+        return sorted(self.path_of(ino).lstrip("/") for (ino,) in
+                      self.db.execute("SELECT id FROM inodes WHERE kind != ? AND id != ?", (Kind.FREE, ROOT_INODE)))
+
     def unmark_schema(self, keep: Iterable[int]) -> list[str]:
         """Turns schema folders that the config no longer declares into ordinary folders."""
         keep = set(keep) | {ROOT_INODE}
