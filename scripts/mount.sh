@@ -43,11 +43,27 @@ if ((${#missing[@]})); then
 fi
 [[ -e /dev/fuse ]] || die "/dev/fuse is missing: load the fuse module (modprobe fuse) or give the container /dev/fuse"
 
-# 2. the venv with the package
-if [[ ! -x .venv/bin/tempfs ]]; then
-    say "creating .venv and installing tempfs"
-    python3 -m venv .venv
+# 2. the venv with the package (installed again when pyproject.toml changed: new dependencies)
+STAMP=.venv/.tempfs-pyproject.sha256
+if [[ ! -x .venv/bin/tempfs ]] || ! sha256sum --quiet -c "$STAMP" >/dev/null 2>&1; then
+    say "creating or updating .venv and installing tempfs"
+    [[ -x .venv/bin/python ]] || python3 -m venv .venv
     .venv/bin/pip install -q -e .
+    sha256sum pyproject.toml > "$STAMP"
+fi
+
+# 2b. the helper mount(8) runs for `mount -t fuse.tempfs` and /etc/fstab lines; mount(8)
+#     looks for it in /sbin only, never in $PATH
+HELPER=/sbin/mount.fuse.tempfs
+if [[ ! -e $HELPER ]]; then     # missing, or a dangling symlink
+    if [[ $(id -u) -eq 0 ]]; then
+        ln -sfn "$ROOT/.venv/bin/mount.fuse.tempfs" "$HELPER"
+        say "installed $HELPER (for mount -t fuse.tempfs and /etc/fstab)"
+    else
+        say "for mount -t fuse.tempfs and /etc/fstab, as root: ln -sfn $ROOT/.venv/bin/mount.fuse.tempfs $HELPER"
+    fi
+elif [[ $(readlink -f "$HELPER") != "$(readlink -f .venv/bin/mount.fuse.tempfs)" ]]; then
+    say "note: $HELPER runs $(readlink -f "$HELPER"), not this checkout's helper"
 fi
 
 # 3. the mountpoint

@@ -23,9 +23,13 @@ if ((${#need_pkgs[@]})); then
     fi
 fi
 
-if ! .venv/bin/python -c 'import tempfs, pyfuse3, pytest, pytest_timeout' >/dev/null 2>&1; then
-    python3 -m venv .venv
+# (installed again when pyproject.toml changed: new dependencies)
+STAMP=.venv/.tempfs-test-pyproject.sha256
+if ! .venv/bin/python -c 'import tempfs, pyfuse3, pytest, pytest_timeout' >/dev/null 2>&1 ||
+   ! sha256sum --quiet -c "$STAMP" >/dev/null 2>&1; then
+    [[ -x .venv/bin/python ]] || python3 -m venv .venv
     .venv/bin/pip install -q -e '.[test]'
+    sha256sum pyproject.toml > "$STAMP"
 fi
 
 set +e
