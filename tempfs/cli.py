@@ -1,4 +1,4 @@
-"""The `tempfs` command: mount, umount, status, fsck.
+"""The `tempfs` command: mount, umount, status, ls, fsck.
 
 Every failure of `tempfs mount` prints one line saying what is wrong and what to do, exits with
 a code of its own (see `Exit`), and leaves the store as it was. `tempfs fsck` checks an unmounted
@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import enum
+import errno
 import functools
 import json
 import logging
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -170,15 +172,45 @@ def _setup_logging(foreground: bool, log_file: Optional[Path], verbose: bool, le
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    metrics_addr = _metrics_address(getattr(args, "metrics_addr", None))  # a bad value: before anything else
     if not args.foreground:
         return _mount_in_background(args)
     _setup_logging(True, Path(args.log_file) if args.log_file else None, args.verbose)
     paths, config, key = preflight(args)
     from .clock import daemon_clock
     from .daemon import serve
+    metrics = _listen_for_metrics(*metrics_addr) if metrics_addr else None  # before the store and the mount
     store = _open_store(paths, key, config.dirty_limit, config.cache_limit, clock=daemon_clock())
-    serve(store, config, paths.mountpoint, events_path=paths.events)
+    serve(store, config, paths.mountpoint, events_path=paths.events, metrics=metrics, key_path=paths.key)
     return Exit.OK
+
+
+def _metrics_address(text: Optional[str]) -> Optional[tuple[str, int]]:
+    """--metrics-addr HOST:PORT, checked; a bad value is a usage error."""
+    if text is None:
+        return None
+    try:
+        from .metrics import AddressError, parse_address
+    except ImportError as e:
+        raise Failure(Exit.FAILED, f"--metrics-addr needs prometheus_client ({e}): "
+                                   "install it (.venv/bin/pip install 'prometheus_client>=0.17')") from None
+    try:
+        return parse_address(text)
+    except AddressError as e:
+        raise Failure(Exit.USAGE, f"--metrics-addr {e}") from None
+
+
+def _listen_for_metrics(host: str, port: int):
+    """Binds the metrics endpoint before anything is mounted: an address that cannot be listened on
+    (port in use, address not on this machine, a port below 1024 without root) fails the mount
+    cleanly, with the store untouched, rather than leaving a mount that nobody monitors."""
+    from .metrics import MetricsServer
+    try:
+        return MetricsServer(host, port)
+    except OSError as e:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise Failure(Exit.USAGE, f"--metrics-addr {where}: cannot listen there ({e.strerror or e}); "
+                                  "choose another address or port, or stop what listens there") from None
 
 
 def _open_store(paths: Paths, key: bytes, dirty_limit: int, cache_limit: int, **options) -> "Store":
@@ -203,6 +235,8 @@ def _mount_in_background(args: argparse.Namespace) -> int:
         child_args.append("--allow-nonempty")
     if args.verbose:
         child_args.append("--verbose")
+    if getattr(args, "metrics_addr", None):
+        child_args += ["--metrics-addr", args.metrics_addr]
     paths.log.parent.mkdir(parents=True, exist_ok=True)
     start = paths.log.stat().st_size if paths.log.exists() else 0
     # the daemon's stderr is its log: messages, and its one-line reason if it fails to start
@@ -220,6 +254,8 @@ def _mount_in_background(args: argparse.Namespace) -> int:
             print(f"tempfs mounted at {paths.mountpoint} (daemon pid {child.pid})\n"
                   f"  store:  {paths.store}\n  key:    {paths.key}\n  config: {paths.config}\n"
                   f"  log:    {paths.log}\n  unmount: tempfs umount {paths.mountpoint}")
+            if getattr(args, "metrics_addr", None):
+                print(f"  metrics: http://{args.metrics_addr}/metrics")
             return Exit.OK
         time.sleep(0.05)
     child.terminate()
@@ -266,16 +302,76 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     mp = Path(args.mountpoint or _root() / "data" / "temp").absolute()
-    _require_mount(mp)
-    try:
-        status = json.loads(os.getxattr(mp, STATUS_XATTR))
-    except OSError as e:
-        raise Failure(Exit.NOT_MOUNTED, f"{mp}: the tempfs daemon does not answer ({e.strerror})") from None
+    status = _daemon_status(mp)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
+    elif sys.stdout.isatty():
+        render_status(_console(), mp, status)
     else:
-        print(format_status(mp, status))
+        sys.stdout.write(format_status(mp, status))
     return Exit.OK
+
+
+def _daemon_status(mp: Path) -> dict:
+    """The running daemon's status of the tempfs mounted at `mp`; NOT_MOUNTED if there is none."""
+    entry = find_mount(mp)
+    if entry is None:
+        around = _enclosing_mount(Path(os.path.realpath(mp)))
+        if around is not None and around.fstype == FSTYPE:
+            raise Failure(Exit.NOT_MOUNTED, f"{mp}: not a mountpoint; it is inside the tempfs mount at "
+                                            f"{around.mountpoint} (tempfs status {around.mountpoint})")
+        raise Failure(Exit.NOT_MOUNTED, f"{mp}: nothing is mounted there, so there is no status to show "
+                                        f"(mount it: tempfs mount {mp})")
+    if entry.fstype != FSTYPE:
+        raise Failure(Exit.NOT_MOUNTED, f"{mp}: {entry.fstype} is mounted there, not tempfs")
+    try:
+        return json.loads(os.getxattr(mp, STATUS_XATTR))
+    except OSError as e:
+        raise Failure(Exit.NOT_MOUNTED, f"{mp}: the tempfs daemon does not answer ({e.strerror})") from None
+
+
+# ---- erase ---------------------------------------------------------------------------------
+def cmd_erase(args: argparse.Namespace) -> int:
+    from .erase import erase
+    mp = Path(args.mountpoint or _root() / "data" / "temp").absolute()
+    schema = _daemon_status(mp).get("schema_folders") or []
+    if args.area and args.area not in schema:
+        raise Failure(Exit.USAGE, f"{args.area}: not an area of the tempfs at {mp}")
+    report = erase(mp, args.pattern, schema, area=args.area, dry_run=args.dry_run)
+    if args.report:
+        fd = os.open(args.report, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_erasure(report, args.dry_run))
+    return Exit.FAILED if report.failed else Exit.OK
+
+
+def format_erasure(report, dry_run: bool) -> str:
+    d = report.to_dict()
+    verb = "would erase" if dry_run else "erased"
+    lines = [f"tempfs erase {report.pattern!r} at {report.mountpoint} on {report.host}, "
+             f"{report.started} .. {report.finished}:",
+             f"  {verb} {d['entries']} entries, {_size(d['logical_bytes'])} ({_size(d['stored_bytes'])} stored)"]
+    lines += [f"  - {e.path} ({e.kind}, {e.entries} entries, {e.logical_bytes} bytes)" for e in report.erased]
+    lines += [f"  still open when erased (content goes at its last close): {p}" for p in report.open_when_erased]
+    lines += [f"  FAILED: {line}" for line in report.failed]
+    return "\n".join(lines)
+
+
+def _console(file=None, width: Optional[int] = None):
+    """A rich Console: styled on a terminal; plain text (no ANSI codes, no wrapping of long rows)
+    when stdout is a pipe or a file."""
+    from rich.console import Console
+    if file is None and sys.stdout.isatty():
+        return Console(highlight=False)
+    return Console(file=file, width=width or PLAIN_WIDTH, highlight=False, color_system=None, emoji=False,
+                   soft_wrap=False)
+
+
+PLAIN_WIDTH = 200  # output to a pipe: rows stay on one line for grep and awk
 
 
 def _size(n: float) -> str:
@@ -286,22 +382,352 @@ def _size(n: float) -> str:
     return ""
 
 
-def format_status(mountpoint: Path, status: dict) -> str:
-    rows = [("area", "files", "logical", "stored")]
-    for area, u in sorted(status["areas"].items()):
-        rows.append((area + "/", str(u["files"]), _size(u["logical_bytes"]), _size(u["stored_bytes"])))
-    t = status["total"]
-    rows.append(("total", str(t["files"]), _size(t["logical_bytes"]), _size(t["stored_bytes"])))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"tempfs at {mountpoint}"]
-    lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-              for r in rows]
-    d = status["daemon"]
-    lines.append(f"  dirty blocks in memory: {_size(d['dirty_bytes'])} (stored within seconds)")
-    lines.append(f"  daemon pid {d['pid']}, version {d['version']}, up {d['uptime_seconds']:.0f} s, "
-                 f"store {d['store']}, refused {d['refused']}, integrity errors {d['integrity_errors']}, "
-                 f"expired {d.get('expired', 0)}")
-    return "\n".join(lines)
+def _or_dash(value, show=str) -> str:
+    return "-" if value is None else show(value)
+
+
+def _span(seconds: float) -> str:
+    """3d 4h, 2h 5m, 7m 12s, 42s."""
+    seconds = int(max(0, seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def _parse_iso(text: Optional[str]) -> Optional[float]:
+    if not text:
+        return None
+    try:
+        from datetime import datetime
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def _ago(iso: Optional[str], now: float) -> str:
+    when = _parse_iso(iso)
+    if when is None:
+        return "-"
+    return "just now" if when >= now else f"{_span(now - when)} ago"
+
+
+def _until(iso: Optional[str], now: float) -> str:
+    when = _parse_iso(iso)
+    if when is None:
+        return "-"
+    return "due now" if when <= now else f"in {_span(when - now)}"
+
+
+def _percent(value: Optional[float], digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f} %"
+
+
+def _pair(a, b) -> str:
+    return f"{_or_dash(a)} / {_or_dash(b)}"
+
+
+def render_status(console, mountpoint: Path, status: dict) -> None:
+    """`tempfs status` for people: the areas' space and life, then the daemon's facts. Every key
+    may be missing (an older daemon): it shows as "-"."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    now = time.time()
+    areas = status.get("areas") or {}
+    daemon = status.get("daemon") or {}
+    console.print(Text(f"tempfs at {mountpoint}", style="bold"), soft_wrap=True)
+
+    space = Table(title="space", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    space.add_column("area")
+    for name in ("files", "logical", "stored", "savings", "limit", "used"):
+        space.add_column(name, justify="right")
+    for area, u in sorted(areas.items()):
+        _add_row(space, area + "/", _or_dash(u.get("files")), _or_dash(u.get("logical_bytes"), _size),
+                 _or_dash(u.get("stored_bytes"), _size), _savings(u), _or_dash(u.get("limit_bytes"), _size),
+                 _percent(u.get("percent_used") if "percent_used" in u else _used(u)))
+    total = status.get("total") or {}
+    space.add_section()
+    _add_row(space, "total", _or_dash(total.get("files")), _or_dash(total.get("logical_bytes"), _size),
+             _or_dash(total.get("stored_bytes"), _size), _savings(total), "", "")
+    console.print(space)
+    if daemon.get("dirty_bytes"):
+        console.print(f"  ({_size(daemon['dirty_bytes'])} written is still in memory: its stored size, and the "
+                      "savings, settle within seconds)", soft_wrap=True, style="dim")
+
+    life = Table(title="life", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    life.add_column("area")
+    for name in ("oldest change", "next deadline", "expired 1h / 24h", "evicted 1h / 24h", "evicted", "refused (full)"):
+        life.add_column(name, justify="right")
+    for area, u in sorted(areas.items()):
+        _add_row(life, area + "/", _ago(u.get("oldest"), now), _until(u.get("next_deadline"), now),
+                 _pair(u.get("expired_last_hour"), u.get("expired_last_day")),
+                 _pair(u.get("evicted_last_hour"), u.get("evicted_last_day")),
+                 _or_dash(u.get("evicted")), _or_dash(u.get("refused_full")))
+    console.print()
+    console.print(life)
+    console.print()
+
+    facts = Table(title="daemon", title_justify="left", box=None, show_header=False, padding=(0, 2, 0, 1))
+    facts.add_column(style="bold")
+    facts.add_column()
+    for name, value in _daemon_facts(status, daemon, now):
+        _add_row(facts, name, value)
+    console.print(facts)
+
+    alerts = daemon.get("alerts")
+    if alerts is None:
+        console.print("alerts: -")
+    elif not alerts:
+        console.print("alerts: none")
+    else:
+        console.print(f"[bold red]alerts: {len(alerts)} active[/bold red]")
+        for alert in alerts:
+            since = _ago(alert.get("since"), now)
+            console.print(f"  - {alert.get('condition', '?')}: {alert.get('message', '')} (since {since})",
+                          soft_wrap=True, markup=False)
+
+
+def _add_row(table, *cells) -> None:
+    """A row of literal text: a "[" in a path or a name is not rich markup."""
+    from rich.text import Text
+    table.add_row(*(Text(c) if isinstance(c, str) else c for c in cells))
+
+
+def _savings(u: dict) -> str:
+    logical, stored = u.get("logical_bytes"), u.get("stored_bytes")
+    if not logical or stored is None:
+        return "-"
+    saved = round((1 - stored / logical) * 100)
+    return f"{saved} %" if saved >= 0 else "none"  # tiny files: the seal's overhead outweighs them
+
+
+def _used(u: dict) -> Optional[float]:
+    limit, stored = u.get("limit_bytes"), u.get("stored_bytes")
+    return None if not limit or stored is None else 100 * stored / limit
+
+
+def _daemon_facts(status: dict, d: dict, now: float) -> list[tuple[str, str]]:
+    def rate(key: str, show) -> str:
+        return _or_dash(d.get(key), show)
+
+    mib_s = lambda v: f"{v / 2**20:.2f} MiB/s"  # noqa: E731
+    per_s = lambda v: f"{v:.1f}/s"  # noqa: E731
+    runs, failures = d.get("cleanup_runs"), d.get("cleanup_failures")
+    success = d.get("cleanup_success_rate")
+    cleanup = f"{_or_dash(runs)} runs, {_or_dash(failures)} failed"
+    if success is not None:
+        cleanup += f", {success * 100:.2f} % succeeded"
+    refused = _or_dash(d.get("refused"))
+    if d.get("refused_last_hour") is not None:
+        refused += f" ({d['refused_last_hour']} in the last hour)"
+    hit = d.get("cache_hit_rate")
+    disk = status.get("disk") or {}
+    rows = [
+        ("pid / version", f"{_or_dash(d.get('pid'))} / {_or_dash(d.get('version'))}"),
+        ("uptime", _or_dash(d.get("uptime_seconds"), _span)),
+        ("store", _or_dash(d.get("store"))),
+        ("key", _or_dash(d.get("key"))),
+        ("memory", f"RSS {_or_dash(d.get('rss_bytes'), _size)}, dirty {_or_dash(d.get('dirty_bytes'), _size)} "
+                   "(written, stored within seconds)"),
+        ("cache hit rate", "-" if hit is None else f"{hit * 100:.1f} %"),
+        ("last minute", f"read {rate('read_bytes_per_second', mib_s)}, write {rate('write_bytes_per_second', mib_s)}, "
+                        f"creates {rate('creates_per_second', per_s)}, deletes {rate('deletes_per_second', per_s)}"),
+        ("cleanup", cleanup),
+        ("expired / evicted", f"{_or_dash(d.get('expired'))} / {_or_dash(d.get('evicted'))}"),
+        ("refused (layout)", refused),
+        ("integrity errors", _or_dash(d.get("integrity_errors"))),
+        ("disk free", f"{_or_dash(disk.get('free_bytes'), _size)} (floor {_or_dash(disk.get('min_free_bytes'), _size)})"),
+        ("last check", _last_check(d.get("last_check"), now)),
+    ]
+    return rows
+
+
+def _last_check(check: Optional[dict], now: float) -> str:
+    if not check:
+        return "none since the mount"
+    finished = check.get("finished_ns")
+    when = f"{_span(now - finished / 1e9)} ago" if finished else "-"
+    damaged, repaired = len(check.get("damaged") or ()), len(check.get("repaired") or ())
+    result = "clean" if check.get("clean") else f"{repaired} repaired, {damaged} damaged"
+    return (f"{when}: {result}; {_or_dash(check.get('objects_checked'))} objects, "
+            f"{_or_dash(check.get('bytes_checked'), _size)} in {_or_dash(check.get('seconds'))} s")
+
+
+def format_status(mountpoint: Path, status: dict, width: Optional[int] = None) -> str:
+    """The human status as plain text (no ANSI codes, no trailing blanks)."""
+    return _plain(render_status, mountpoint, status, width=width)
+
+
+def _plain(render, *args, width: Optional[int] = None) -> str:
+    import io
+
+    class Buffer(io.StringIO):
+        encoding = getattr(sys.stdout, "encoding", None) or "utf-8"  # rich draws ASCII tables if not UTF-8
+    out = Buffer()
+    render(_console(file=out, width=width), *args)
+    return "".join(line.rstrip() + "\n" for line in out.getvalue().splitlines())
+
+
+# ---- ls ------------------------------------------------------------------------------------
+TTL_XATTR = "user.tempfs.ttl"
+EXPIRES_XATTR = "user.tempfs.expires"
+STORED_XATTR = "user.tempfs.stored_size"
+AREA_XATTR = "user.tempfs.area"
+ENCRYPTED_XATTR = "user.tempfs.encrypted"
+
+
+def _enclosing_mount(path: Path):
+    """The mount `path` lives on (walking up to its mountpoint), or None."""
+    for candidate in (path, *path.parents):
+        entry = find_mount(candidate)
+        if entry is not None:
+            return entry
+    return None
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    target = Path(os.path.abspath(args.path or _root() / "data" / "temp"))
+    where = Path(os.path.realpath(target))
+    entry = _enclosing_mount(where)
+    if entry is None or entry.fstype != FSTYPE:
+        on = f" (it is on {entry.fstype} mounted at {entry.mountpoint})" if entry is not None else ""
+        raise Failure(Exit.NOT_MOUNTED, f"{target}: not inside a tempfs mount{on}; "
+                                        "give a path in one (e.g. tempfs ls data/temp/cache)")
+    try:
+        st = os.stat(target)
+        if stat.S_ISDIR(st.st_mode):
+            names = sorted(os.listdir(target))
+            rows = [_ls_entry(target / name, name) for name in names]
+            rows = [r for r in rows if r is not None]  # gone (expired) between listdir and lstat
+        else:
+            row = _ls_entry(target, target.name)
+            if row is None:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+            rows = [row]
+    except FileNotFoundError:
+        raise Failure(Exit.USAGE, f"{target}: no such file or folder (it may have expired)") from None
+    except OSError as e:
+        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise Failure(Exit.NOT_MOUNTED, f"{target}: the tempfs daemon does not answer ({e.strerror})") from None
+        raise Failure(Exit.FAILED, f"{target}: cannot list it ({e.strerror})") from None
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif sys.stdout.isatty():
+        render_ls(_console(), target, rows)
+    else:
+        sys.stdout.write(_plain(render_ls, target, rows))
+    return Exit.OK
+
+
+def _xattr(path: Path, name: str) -> Optional[str]:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False).decode(errors="replace")
+    except OSError:  # not a file or folder, not tempfs's, or an older daemon
+        return None
+
+
+def _ls_entry(path: Path, name: str) -> Optional[dict]:
+    """One entry, read with standard calls: lstat and the user.tempfs.* attributes."""
+    import grp
+    import pwd
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    ttl_text = _xattr(path, TTL_XATTR)
+    if ttl_text is None or ttl_text == "never":
+        ttl = None
+    else:
+        try:
+            ttl = int(float(ttl_text))
+        except ValueError:
+            ttl = None
+    stored_text = _xattr(path, STORED_XATTR)
+    stored = int(stored_text) if stored_text and stored_text.isdigit() else st.st_blocks * 512
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    target = None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = _printable(os.readlink(path))
+        except OSError:
+            pass
+    return {
+        "name": _printable(name), "path": _printable(str(path)), "type": _kind(st.st_mode), "mode": stat.filemode(st.st_mode),
+        "nlink": st.st_nlink, "uid": st.st_uid, "gid": st.st_gid, "user": user, "group": group,
+        "size": st.st_size, "stored_bytes": stored, "stored_from": "xattr" if stored_text else "st_blocks",
+        "mtime": _iso(st.st_mtime), "ttl_seconds": ttl, "never_expires": ttl_text == "never",
+        "expires": _xattr(path, EXPIRES_XATTR), "area": _xattr(path, AREA_XATTR),
+        "encrypted": _xattr(path, ENCRYPTED_XATTR), "symlink_target": target,
+    }
+
+
+def _printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 show as U+FFFD."""
+    return os.fsencode(name).decode(errors="replace")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISREG, "file"), (stat.S_ISLNK, "symlink"),
+                       (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "char device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "other"
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _life(row: dict) -> str:
+    if row["never_expires"]:
+        return "never"
+    if row["ttl_seconds"] is None:
+        return "-"
+    return _span(row["ttl_seconds"])
+
+
+def render_ls(console, target: Path, rows: list[dict]) -> None:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    table.add_column("mode")
+    table.add_column("links", justify="right")
+    table.add_column("owner")
+    table.add_column("group")
+    table.add_column("size", justify="right")
+    table.add_column("stored", justify="right")
+    table.add_column("modified")
+    table.add_column("life left", justify="right")
+    table.add_column("name")
+    for r in rows:
+        name = Text(r["name"] + ("/" if r["type"] == "folder" else ""))
+        if r["symlink_target"] is not None:
+            name.append(f" -> {r['symlink_target']}")
+        modified = time.strftime("%Y-%m-%d %H:%M", time.localtime(_parse_iso(r["mtime"]) or 0))
+        _add_row(table, r["mode"], str(r["nlink"]), r["user"], r["group"], str(r["size"]), _size(r["stored_bytes"]),
+                 modified, _life(r), name)
+    if not rows:
+        console.print(f"{target}: empty", soft_wrap=True, markup=False)
+        return
+    console.print(table)
 
 
 # ---- fsck ----------------------------------------------------------------------------------
@@ -390,6 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--foreground", action="store_true", help="serve in the foreground, logging to stderr")
     m.add_argument("--allow-nonempty", action="store_true", help="mount over a folder that holds files")
     m.add_argument("--verbose", action="store_true", help="debug logging")
+    m.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9100)")
     m.set_defaults(func=cmd_mount)
     u = sub.add_parser("umount", help="flush everything and unmount")
     u.add_argument("mountpoint", nargs="?")
@@ -398,6 +826,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint", nargs="?")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
+    ls = sub.add_parser("ls", help="list a folder of a mount with each entry's remaining life and stored size")
+    ls.add_argument("path", nargs="?", help="a folder or file inside a tempfs mount (default: data/temp)")
+    ls.add_argument("--json", action="store_true", help="machine-readable output: a list of objects")
+    ls.set_defaults(func=cmd_ls)
+    e = sub.add_parser("erase", help="remove every entry whose name matches, shredded, with a report (GDPR erasure)")
+    e.add_argument("pattern", help="a shell pattern for whole names, or a plain string any name containing it matches")
+    e.add_argument("mountpoint", nargs="?")
+    e.add_argument("--area", help="only below this area")
+    e.add_argument("--dry-run", action="store_true", help="report what would go, remove nothing")
+    e.add_argument("--json", action="store_true", help="the report as JSON")
+    e.add_argument("--report", help="also write the report as JSON to this file (mode 0600), as evidence")
+    e.set_defaults(func=cmd_erase)
     f = sub.add_parser("fsck", help="check (and repair) an unmounted store")
     f.add_argument("--store", help="store folder (default: data/.tempfs-store)")
     f.add_argument("--key-file", help="key file (default: config/tempfs.key)")

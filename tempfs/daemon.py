@@ -76,13 +76,14 @@ def mount_options(store_path: Path) -> set[str]:
 
 
 def serve(store: Store, config: Config, mountpoint: Path, events_path: Optional[Path] = None,
-          metrics=None) -> None:
+          metrics=None, key_path: Optional[Path] = None) -> None:
     """Mounts and serves until unmounted; always leaves the store closed and the mount gone.
     Events (refusals, expiries, evictions, alerts, ...) go to `events_path` as JSON lines."""
     prepare_tree(store, config)
     monitor = Monitor(events_path=events_path, alert_command=config.alerts.command,
                       alert_timeout=config.alerts.command_timeout)
     ops = TempFS(store, area_rules(config), config.min_free, monitor, config.alerts)
+    ops.key_path = None if key_path is None else str(key_path)
     pyfuse3.init(ops, str(mountpoint), mount_options(store.path))
     monitor.event("mounted", f"mounted {store.path} at {mountpoint}", store=str(store.path),
                   mountpoint=str(mountpoint), pid=os.getpid())

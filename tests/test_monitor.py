@@ -141,6 +141,7 @@ def test_status_has_the_admin_facts(mounted):
     assert d["rss_bytes"] > 10 * 1024 * 1024
     assert d["cleanup_runs"] >= 1 and d["cleanup_success_rate"] == 1.0
     assert d["alerts"] == []
+    assert d["key"] == str(mounted.key_file)
 
 
 @pytest.fixture
