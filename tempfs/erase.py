@@ -76,7 +76,7 @@ def erase(mountpoint: Path, pattern: str, schema_folders: Iterable[str], area: O
     schema = set(schema_folders)
     matches = matcher(pattern)
     tops = [area] if area else sorted(f for f in schema if "/" not in f)
-    walk = _Walk(mountpoint, schema, matches, report, dry_run, _open_inodes(os.stat(mountpoint).st_dev))
+    walk = _Walk(mountpoint, schema, matches, report, dry_run, _open_inodes(mountpoint))
     for top in tops:
         walk.below(mountpoint / top)
     if not dry_run:
@@ -147,15 +147,20 @@ def _stored(path: Path, st: os.stat_result) -> int:
         return st.st_blocks * 512
 
 
-def _open_inodes(dev: int) -> set[int]:
-    """Inodes of the filesystem `dev` that some process on this machine holds open (from /proc)."""
+def _open_inodes(mountpoint: Path) -> set[int]:
+    """Inodes of the mount that some process on this machine holds open (from /proc). Only fds
+    whose link names a path inside the mount are stat()ed: a hung filesystem elsewhere cannot
+    stall the erasure."""
+    dev = os.stat(mountpoint).st_dev
+    prefix = str(mountpoint).rstrip("/") + "/"
     inodes = set()
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         try:
             for fd in os.scandir(fd_dir):
-                st = os.stat(fd.path)
-                if st.st_dev == dev:
-                    inodes.add(st.st_ino)
+                if os.readlink(fd.path).startswith(prefix):
+                    st = os.stat(fd.path)
+                    if st.st_dev == dev:
+                        inodes.add(st.st_ino)
         except OSError:
             continue
     return inodes

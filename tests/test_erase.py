@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import tempfs_env
+from conftest import tempfs_env, wait_until
 
 SESSION = "sess123"
 
@@ -83,3 +83,16 @@ def test_erase_refuses_a_folder_that_is_not_a_mount(tmp_path, mounted):
     r = subprocess.run([sys.executable, "-m", "tempfs", "erase", SESSION, str(tmp_path)], capture_output=True,
                        text=True, timeout=60, env=tempfs_env())
     assert r.returncode == 8 and "nothing is mounted" in r.stderr
+
+
+def test_a_file_open_during_erasure_is_listed_and_goes_at_its_close(mounted):
+    populate(mounted)
+    path = mounted.path(f"cache/images/face_{SESSION}.jpg")
+    with open(path, "rb") as held:
+        r = erase(mounted, SESSION, mounted.mnt, "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["open_when_erased"] == [f"cache/images/face_{SESSION}.jpg"]
+        assert not path.exists()
+        assert len(held.read()) == 200_000  # the program that had it open still reads it
+    # (the kernel sends the release after close returns)
+    assert wait_until(lambda: mounted.status()["areas"]["cache"]["stored_bytes"] == 0, timeout=5)
