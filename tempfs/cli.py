@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tempfs")
 
 STATUS_XATTR = "user.tempfs.status"
+FOLDERS_XATTR = "user.tempfs.folders"
 PID_XATTR = "user.tempfs.pid"
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 120.0
@@ -303,6 +304,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     mp = Path(args.mountpoint or _root() / "data" / "temp").absolute()
     status = _daemon_status(mp)
+    if args.folders:
+        status["folders"] = _root_xattr(mp, FOLDERS_XATTR)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     elif sys.stdout.isatty():
@@ -324,8 +327,12 @@ def _daemon_status(mp: Path) -> dict:
                                         f"(mount it: tempfs mount {mp})")
     if entry.fstype != FSTYPE:
         raise Failure(Exit.NOT_MOUNTED, f"{mp}: {entry.fstype} is mounted there, not tempfs")
+    return _root_xattr(mp, STATUS_XATTR)
+
+
+def _root_xattr(mp: Path, name: str):
     try:
-        return json.loads(os.getxattr(mp, STATUS_XATTR))
+        return json.loads(os.getxattr(mp, name))
     except OSError as e:
         raise Failure(Exit.NOT_MOUNTED, f"{mp}: the tempfs daemon does not answer ({e.strerror})") from None
 
@@ -458,6 +465,9 @@ def render_status(console, mountpoint: Path, status: dict) -> None:
     _add_row(space, "total", _or_dash(total.get("files")), _or_dash(total.get("logical_bytes"), _size),
              _or_dash(total.get("stored_bytes"), _size), _savings(total), "", "")
     console.print(space)
+    if status.get("folders"):
+        console.print()
+        console.print(_folders_table(status["folders"]))
     if daemon.get("dirty_bytes"):
         console.print(f"  ({_size(daemon['dirty_bytes'])} written is still in memory: its stored size, and the "
                       "savings, settle within seconds)", soft_wrap=True, style="dim")
@@ -493,6 +503,19 @@ def render_status(console, mountpoint: Path, status: dict) -> None:
             since = _ago(alert.get("since"), now)
             console.print(f"  - {alert.get('condition', '?')}: {alert.get('message', '')} (since {since})",
                           soft_wrap=True, markup=False)
+
+
+def _folders_table(folders: dict):
+    from rich import box
+    from rich.table import Table
+    table = Table(title="schema folders", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    table.add_column("folder")
+    for name in ("files", "logical", "stored", "savings"):
+        table.add_column(name, justify="right")
+    for path, u in sorted(folders.items()):
+        _add_row(table, path + "/", _or_dash(u.get("files")), _or_dash(u.get("logical_bytes"), _size),
+                 _or_dash(u.get("stored_bytes"), _size), _savings(u))
+    return table
 
 
 def _add_row(table, *cells) -> None:
@@ -825,6 +848,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="usage per area, from the running daemon")
     s.add_argument("mountpoint", nargs="?")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--folders", action="store_true",
+                   help="also usage per schema folder (walks the tree: slower on big trees)")
     s.set_defaults(func=cmd_status)
     ls = sub.add_parser("ls", help="list a folder of a mount with each entry's remaining life and stored size")
     ls.add_argument("path", nargs="?", help="a folder or file inside a tempfs mount (default: data/temp)")

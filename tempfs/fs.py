@@ -34,6 +34,7 @@ NAME_MAX = 255
 XATTR_PREFIX = b"user.tempfs."
 STATUS_XATTR = XATTR_PREFIX + b"status"
 PID_XATTR = XATTR_PREFIX + b"pid"
+FOLDERS_XATTR = XATTR_PREFIX + b"folders"
 TTL_XATTR = XATTR_PREFIX + b"ttl"
 EXPIRES_XATTR = XATTR_PREFIX + b"expires"
 AREA_XATTR = XATTR_PREFIX + b"area"
@@ -358,6 +359,8 @@ class TempFS(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         if inode == pyfuse3.ROOT_INODE and name == STATUS_XATTR:
             return json.dumps(self.status()).encode()
+        if inode == pyfuse3.ROOT_INODE and name == FOLDERS_XATTR:  # a walk of the tree: asked for apart
+            return json.dumps(self.store.folder_usage()).encode()
         if inode == pyfuse3.ROOT_INODE and name == PID_XATTR:
             return str(os.getpid()).encode()
         if name in (EXPIRES_XATTR, TTL_XATTR):

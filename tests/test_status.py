@@ -189,3 +189,22 @@ def test_ls_outside_a_mount_and_of_a_missing_entry(tmp_path, mounted):
         assert len(r.stderr.strip().splitlines()) == 1 and "not inside a tempfs mount" in r.stderr
     r = run_tempfs("ls", mounted.path("cache/images/none.bin"), cwd=tmp_path)
     assert r.returncode == 2 and "no such file or folder" in r.stderr, r.stderr
+
+
+def test_status_folders_shows_usage_per_schema_folder(mounted):
+    write_synced(mounted.path("cache/models/net.onnx"), os.urandom(200_000))
+    mounted.path("cache/models/v2").mkdir()
+    write_synced(mounted.path("cache/models/v2/net.onnx"), b"weights" * 1000)
+    write_synced(mounted.path("processing/common/uploads/in.jpg"), os.urandom(50_000))
+    r = run_tempfs("status", mounted.mnt, "--folders", "--json", cwd=mounted.base)
+    assert r.returncode == 0, r.stderr
+    folders = json.loads(r.stdout)["folders"]
+    assert folders["cache/models"]["files"] == 2
+    assert folders["cache/models"]["logical_bytes"] == 200_000 + 7000
+    assert 200_000 < folders["cache/models"]["stored_bytes"] < 200_000 + 7000
+    assert folders["processing/common/uploads"] == {**folders["processing/common/uploads"], "files": 1}
+    assert folders["cache"]["files"] == 0 and folders["sessions/user_sessions"]["files"] == 0
+    assert "folders" not in json.loads(run_tempfs("status", mounted.mnt, "--json", cwd=mounted.base).stdout)
+    text = run_tempfs("status", mounted.mnt, "--folders", cwd=mounted.base).stdout
+    assert "schema folders" in text
+    assert row(text, "cache/models/")[:2] == ["cache/models/", "2"]
