@@ -454,16 +454,17 @@ def render_status(console, mountpoint: Path, status: dict) -> None:
 
     space = Table(title="space", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
     space.add_column("area")
-    for name in ("files", "logical", "stored", "savings", "limit", "used"):
+    for name in ("files", "logical", "stored", "savings", "by dedup", "by lz4", "limit", "used"):
         space.add_column(name, justify="right")
     for area, u in sorted(areas.items()):
         _add_row(space, area + "/", _or_dash(u.get("files")), _or_dash(u.get("logical_bytes"), _size),
-                 _or_dash(u.get("stored_bytes"), _size), _savings(u), _or_dash(u.get("limit_bytes"), _size),
+                 _or_dash(u.get("stored_bytes"), _size), _savings(u), *_saved_by(u),
+                 _or_dash(u.get("limit_bytes"), _size),
                  _percent(u.get("percent_used") if "percent_used" in u else _used(u)))
     total = status.get("total") or {}
     space.add_section()
     _add_row(space, "total", _or_dash(total.get("files")), _or_dash(total.get("logical_bytes"), _size),
-             _or_dash(total.get("stored_bytes"), _size), _savings(total), "", "")
+             _or_dash(total.get("stored_bytes"), _size), _savings(total), *_saved_by(total), "", "")
     console.print(space)
     if status.get("folders"):
         console.print()
@@ -503,6 +504,13 @@ def render_status(console, mountpoint: Path, status: dict) -> None:
             since = _ago(alert.get("since"), now)
             console.print(f"  - {alert.get('condition', '?')}: {alert.get('message', '')} (since {since})",
                           soft_wrap=True, markup=False)
+
+
+def _saved_by(u: dict) -> tuple[str, str]:
+    """Bytes saved by deduplication and by compression (negative: the seal's overhead)."""
+    def show(n):
+        return f"-{_size(-n)}" if n < 0 else _size(n)
+    return _or_dash(u.get("dedup_saved_bytes"), show), _or_dash(u.get("compression_saved_bytes"), show)
 
 
 def _folders_table(folders: dict):

@@ -602,7 +602,10 @@ class TempFS(pyfuse3.Operations):
         """What `tempfs status` shows, read from the running daemon."""
         usage = self.store.usage()
         times = self.store.area_times()
+        savings = self.store.savings()
+        usage["total"].update(savings["total"])
         for area, info in usage["areas"].items():
+            info.update(savings["areas"].get(area, {"dedup_saved_bytes": 0, "compression_saved_bytes": 0}))
             oldest, next_deadline = times.get(area, (None, None))
             limit = self.space.limit(area)
             info.update(limit_bytes=limit, percent_used=round(100 * info["stored_bytes"] / limit, 1) if limit else None,

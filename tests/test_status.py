@@ -49,7 +49,7 @@ def test_status_text_shows_areas_and_daemon_facts(mounted):
         assert area + "/" in out
     cache = row(out, "cache/")   # the space table comes first
     assert cache[:2] == ["cache/", "1"] and cache[2].endswith("KiB"), cache
-    assert cache[5] == "4.9 GiB" and cache[6].endswith("%"), cache    # the default 5000MB limit
+    assert cache[7] == "4.9 GiB" and cache[8].endswith("%"), cache    # the default 5000MB limit
     processing = row(out, "processing/")
     assert processing[1] == "1" and processing[4].endswith("%") and int(processing[4].split()[0]) > 50, processing
     assert row(out, "total")[1] == "2"
@@ -108,7 +108,7 @@ def test_format_status_of_an_older_daemon_shows_dashes():
                       "refused": 1, "integrity_errors": 0, "expired": 7}}
     out = format_status(Path("/m"), old)
     cache = row(out, "cache/")
-    assert cache == ["cache/", "5", "100.0 MiB", "20.0 MiB", "80 %", "4.9 GiB", "0.4 %"], cache
+    assert cache == ["cache/", "5", "100.0 MiB", "20.0 MiB", "80 %", "-", "-", "4.9 GiB", "0.4 %"], cache
     life = [line for line in out.splitlines() if line.strip().startswith("cache/")][1]
     assert re.split(r"\s{2,}", life.strip()) == ["cache/", "-", "-", "- / -", "- / -", "0", "0"]
     assert re.search(r"uptime\s+1h 2m", out) and re.search(r"key\s+-", out) and "alerts: -" in out
@@ -208,3 +208,20 @@ def test_status_folders_shows_usage_per_schema_folder(mounted):
     text = run_tempfs("status", mounted.mnt, "--folders", cwd=mounted.base).stdout
     assert "schema folders" in text
     assert row(text, "cache/models/")[:2] == ["cache/models/", "2"]
+
+
+def test_status_separates_dedup_and_compression_savings(mounted):
+    data = os.urandom(256 * 1024)
+    write_synced(mounted.path("cache/data/a"), data)
+    write_synced(mounted.path("cache/data/b"), data)
+    write_synced(mounted.path("processing/common/uploads/log.txt"), b"frame 0001 ok\n" * 80_000)
+    r = run_tempfs("status", mounted.mnt, "--json", cwd=mounted.base)
+    status = json.loads(r.stdout)
+    cache, processing = status["areas"]["cache"], status["areas"]["processing"]
+    assert cache["dedup_saved_bytes"] == len(data)
+    assert -1000 < cache["compression_saved_bytes"] <= 0  # random: only the seal's overhead
+    assert processing["dedup_saved_bytes"] >= 0
+    assert processing["compression_saved_bytes"] > 0.9 * 14 * 80_000 - processing["dedup_saved_bytes"]
+    assert status["total"]["dedup_saved_bytes"] == cache["dedup_saved_bytes"] + processing["dedup_saved_bytes"]
+    text = run_tempfs("status", mounted.mnt, cwd=mounted.base).stdout
+    assert "by dedup" in text and "by lz4" in text
