@@ -518,11 +518,13 @@ def _folders_table(folders: dict):
     from rich.table import Table
     table = Table(title="schema folders", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
     table.add_column("folder")
-    for name in ("files", "logical", "stored", "savings"):
+    for name in ("files", "logical", "stored", "savings", "oldest change", "next deadline"):
         table.add_column(name, justify="right")
+    now = time.time()
     for path, u in sorted(folders.items()):
         _add_row(table, path + "/", _or_dash(u.get("files")), _or_dash(u.get("logical_bytes"), _size),
-                 _or_dash(u.get("stored_bytes"), _size), _savings(u))
+                 _or_dash(u.get("stored_bytes"), _size), _savings(u), _ago(u.get("oldest"), now),
+                 _until(u.get("next_deadline"), now))
     return table
 
 

@@ -360,7 +360,7 @@ class TempFS(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE and name == STATUS_XATTR:
             return json.dumps(self.status()).encode()
         if inode == pyfuse3.ROOT_INODE and name == FOLDERS_XATTR:  # a walk of the tree: asked for apart
-            return json.dumps(self.store.folder_usage()).encode()
+            return json.dumps(self._folders()).encode()
         if inode == pyfuse3.ROOT_INODE and name == PID_XATTR:
             return str(os.getpid()).encode()
         if name in (EXPIRES_XATTR, TTL_XATTR):
@@ -616,6 +616,12 @@ class TempFS(pyfuse3.Operations):
         usage["schema_folders"] = self.store.schema_paths()
         usage["daemon"] = self._daemon_facts()
         return usage
+
+    def _folders(self) -> dict:
+        folders = self.store.folder_usage()
+        for info in folders.values():
+            info["oldest"], info["next_deadline"] = _iso(info.pop("oldest_ns")), _iso(info.pop("next_deadline_ns"))
+        return folders
 
     def _recent(self, key: str, label: str) -> dict[str, int]:
         return {f"{label}_last_hour": self.monitor.recent(key, 3600), f"{label}_last_day": self.monitor.recent(key, 86400)}

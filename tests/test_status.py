@@ -204,6 +204,8 @@ def test_status_folders_shows_usage_per_schema_folder(mounted):
     assert 200_000 < folders["cache/models"]["stored_bytes"] < 200_000 + 7000
     assert folders["processing/common/uploads"] == {**folders["processing/common/uploads"], "files": 1}
     assert folders["cache"]["files"] == 0 and folders["sessions/user_sessions"]["files"] == 0
+    assert folders["cache/models"]["oldest"].endswith("Z") and folders["cache"]["oldest"] is None
+    assert folders["cache/models"]["next_deadline"] > folders["cache/models"]["oldest"]
     assert "folders" not in json.loads(run_tempfs("status", mounted.mnt, "--json", cwd=mounted.base).stdout)
     text = run_tempfs("status", mounted.mnt, "--folders", cwd=mounted.base).stdout
     assert "schema folders" in text

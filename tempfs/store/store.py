@@ -486,9 +486,11 @@ class Store:
 
     def folder_usage(self) -> dict[str, dict[str, int]]:
         """Per schema folder: the files below it (down to the next schema folder; a hard link
-        counts per name), their logical bytes and stored bytes (shared objects per file). One
+        counts per name), their logical bytes and stored bytes (shared objects per file), the
+        oldest file's last change and the next file deadline (ns). One
         walk of the tree below the schema folders: its cost grows with the tree."""
-        usage = {path: {"files": 0, "logical_bytes": 0, "stored_bytes": 0} for path in self.schema_paths()}
+        usage = {path: {"files": 0, "logical_bytes": 0, "stored_bytes": 0, "oldest_ns": None, "next_deadline_ns": None}
+                 for path in self.schema_paths()}
         rows = self.db.execute(
             "WITH RECURSIVE below(id, folder) AS ("
             " SELECT e.inode, e.parent FROM entries e JOIN inodes p ON p.id = e.parent"
@@ -496,12 +498,12 @@ class Store:
             " UNION ALL"
             " SELECT e.inode, below.folder FROM below JOIN inodes d ON d.id = below.id AND d.kind = ?"
             "  JOIN entries e ON e.parent = below.id) "
-            "SELECT below.folder, COUNT(*), SUM(i.size), SUM(i.stored_bytes) FROM below "
-            "JOIN inodes i ON i.id = below.id WHERE i.kind = ? AND (i.mode & ?) != ? GROUP BY below.folder",
+            "SELECT below.folder, COUNT(*), SUM(i.size), SUM(i.stored_bytes), min(i.ctime_ns), min(i.expires_ns) "
+            "FROM below JOIN inodes i ON i.id = below.id WHERE i.kind = ? AND (i.mode & ?) != ? GROUP BY below.folder",
             (Kind.FREE, ROOT_INODE, Kind.FREE, Kind.FREE, _S_IFMT, stat.S_IFDIR))
-        for folder, files, logical, stored in rows.fetchall():
-            usage[self.path_of(folder).lstrip("/")] = {"files": files, "logical_bytes": logical,
-                                                       "stored_bytes": stored}
+        for folder, files, logical, stored, oldest, deadline in rows.fetchall():
+            usage[self.path_of(folder).lstrip("/")] = {"files": files, "logical_bytes": logical, "stored_bytes": stored,
+                                                       "oldest_ns": oldest, "next_deadline_ns": deadline}
         return usage
 
     def area_times(self) -> dict[str, tuple[Optional[int], Optional[int]]]:
