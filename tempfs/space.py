@@ -32,7 +32,6 @@ from .codec import SEAL_OVERHEAD
 from .monitor import Monitor
 from .store import Store, StoreError
 
-log = logging.getLogger(__name__)
 
 PRIORITY_FIRST = ("cleanup", "cache")        # the seed's order: what is cheapest to lose goes first
 PRIORITY_LAST = ("sessions", "processing")   # work in progress goes last
