@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from .clock import iso_utc
 from .config import Config, ConfigError, default_config, default_config_text, load_config
 from .keys import KeyFileError, check_key_location, create_key_file, read_key_file
 from .mounts import FSTYPE, find_mount, fusermount_unmount, is_stale
@@ -724,7 +725,7 @@ def _kind(mode: int) -> str:
 
 
 def _iso(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    return iso_utc(int(seconds * 1e9))
 
 
 def _life(row: dict) -> str:

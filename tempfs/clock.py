@@ -28,6 +28,12 @@ def offset_clock(path: str) -> Clock:
     return now
 
 
+def iso_utc(ns: int, millis: bool = False) -> str:
+    """A time in nanoseconds as ISO 8601 UTC, e.g. 2026-11-26T14:09:48Z (or ...48.013Z)."""
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9))
+    return f"{text}.{ns % 10**9 // 10**6:03d}Z" if millis else f"{text}Z"
+
+
 def daemon_clock() -> Clock:
     path = os.environ.get(TEST_CLOCK_ENV)
     if path:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .clock import iso_utc
+
 STORED_XATTR = "user.tempfs.stored_size"
 
 
@@ -180,5 +182,4 @@ def _make_durable(mountpoint: Path) -> None:
 
 
 def _now() -> str:
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    return iso_utc(time.time_ns(), millis=True)

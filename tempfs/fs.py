@@ -23,6 +23,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from . import __version__, layout
+from .clock import iso_utc
 from .config import Alerts
 from .monitor import Monitor
 from .space import AreaRule, Space
@@ -378,8 +379,7 @@ class TempFS(pyfuse3.Operations):
             return b"never"
         if remaining:
             return str(max(0, (node.expires_ns - self.store.clock()) // 10**9)).encode()
-        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(node.expires_ns // 10**9))
-        return f"{when}.{node.expires_ns % 10**9 // 10**6:03d}Z".encode()
+        return iso_utc(node.expires_ns, millis=True).encode()
 
     def _set_ttl(self, node: Inode, value: bytes, ctx) -> None:
         self._check_schema(node, "given a ttl (they never expire)", ctx, self.store.path_of(node.id))
@@ -456,8 +456,7 @@ class TempFS(pyfuse3.Operations):
     async def fsyncdir(self, fh, datasync):
         # also checkpoints the metadata, so names and keys removed so far leave no trace in
         # its log (what `tempfs erase` relies on); programs rarely fsync folders, so it is cheap
-        self.store.db.shred_after_commit()
-        await self.store.commit(durable=True)
+        await self.store.commit(durable=True, shred=True)
 
     # ---- files ---------------------------------------------------------------------------
     @_errors
@@ -486,10 +485,14 @@ class TempFS(pyfuse3.Operations):
     @_errors
     async def write(self, fh, off, buf):
         area = self.store.inode(fh).area
-        pieces = [(off, len(buf))]
-        if not self.space.roomy(area, self.space.write_need(area, fh, off, len(buf))):
-            # near a limit: block by block, so that each piece counts at its stored size
-            pieces = _block_pieces(off, len(buf), self.store.blocks.block_size)
+        need = self.space.write_need(area, fh, off, len(buf), credit=False)
+        if self.space.roomy(area, need):
+            async with self.space.room(area, need):
+                await self.store.write(fh, off, buf)
+            self.monitor.count("bytes_written", len(buf))
+            return len(buf)
+        # near a limit: block by block, so that each piece counts at its stored size
+        pieces = _block_pieces(off, len(buf), self.store.blocks.block_size)
         done = 0
         for at, n in pieces:
             try:
@@ -610,7 +613,8 @@ class TempFS(pyfuse3.Operations):
             limit = self.space.limit(area)
             info.update(limit_bytes=limit, percent_used=round(100 * info["stored_bytes"] / limit, 1) if limit else None,
                         oldest=_iso(oldest), next_deadline=_iso(next_deadline),
-                        evicted=self.space.evicted[area], refused_full=self.space.refused[area],
+                        evicted=self.monitor.totals[f"evicted:{area}"],
+                        refused_full=self.monitor.totals[f"refused_full:{area}"],
                         **self._recent(f"expired:{area}", "expired"), **self._recent(f"evicted:{area}", "evicted"))
         usage["disk"] = {"free_bytes": self.space.free_bytes(), "min_free_bytes": self.space.min_free}
         usage["schema_folders"] = self.store.schema_paths()
@@ -659,9 +663,7 @@ def _block_pieces(offset: int, length: int, block_size: int) -> list[tuple[int, 
 
 
 def _iso(ns: Optional[int]) -> Optional[str]:
-    if ns is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns // 10**9))
+    return None if ns is None else iso_utc(ns)
 
 
 def _rss_bytes() -> Optional[int]:

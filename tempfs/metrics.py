@@ -82,7 +82,7 @@ def take_snapshot(ops: Any) -> dict:
         info = usage["areas"].get(area, {})
         areas[area] = {"files": info.get("files", 0), "logical_bytes": info.get("logical_bytes", 0),
                        "stored_bytes": info.get("stored_bytes", 0), "limit_bytes": space.limit(area),
-                       "evicted": space.evicted[area]}
+                       "evicted": monitor.totals[f"evicted:{area}"]}
     return {
         "taken": time.monotonic(),
         "areas": areas,

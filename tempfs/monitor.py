@@ -25,6 +25,8 @@ from typing import Any, Callable, Optional
 
 import trio
 
+from .clock import iso_utc
+
 log = logging.getLogger(__name__)
 
 BUCKET_SECONDS = 10
@@ -169,5 +171,4 @@ def _open_events(path: Optional[Path]):
 
 
 def _iso_now() -> str:
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    return iso_utc(time.time_ns(), millis=True)

@@ -59,8 +59,6 @@ class Space:
         self._evict_file = evict
         self._is_open = is_open
         self._reserved: Counter[str] = Counter()
-        self.evicted: Counter[str] = Counter()   # files, per area
-        self.refused: Counter[str] = Counter()   # writes answered ENOSPC, per area
         self._probed_free = 0
         self._probed_at = -math.inf
         self._pending_at_probe = 0
@@ -77,16 +75,17 @@ class Space:
         return None if rule is None else rule.max_size
 
     # ---- admission -----------------------------------------------------------------------
-    def write_need(self, area: str, ino: int, offset: int, length: int) -> int:
+    def write_need(self, area: str, ino: int, offset: int, length: int, credit: bool = True) -> int:
         """The most stored bytes a write can add to `area`: a whole object for each block it
-        dirties anew, less the objects those blocks stop using that nothing else there uses."""
+        dirties anew, less (with `credit`, which costs a query: worth it near a limit) the
+        objects those blocks stop using that nothing else there uses."""
         if length <= 0:
             return 0
         blocks = self.store.blocks
         first, last = offset // blocks.block_size, (offset + length - 1) // blocks.block_size
         fresh = [b for b in range(first, last + 1) if (ino, b) not in blocks.dirty]
-        if not fresh:
-            return 0
+        if not fresh or not credit:
+            return len(fresh) * (blocks.block_size + SEAL_OVERHEAD)
         freed = self.store.sole_objects(area, ino, fresh[0], fresh[-1])
         return sum(blocks.block_size + SEAL_OVERHEAD - freed.get(b, 0) for b in fresh)
 
@@ -139,7 +138,6 @@ class Space:
             for ino in batch:
                 if not self._is_open(ino):
                     self._evict_file(ino)
-                    self.evicted[area] += 1
                     self.monitor.count("evicted")
                     self.monitor.count(f"evicted:{area}")
                     return True
@@ -147,8 +145,8 @@ class Space:
         return False
 
     def _refuse(self, area: str, reason: str) -> None:
-        self.refused[area] += 1
         self.monitor.count("refused_full")
+        self.monitor.count(f"refused_full:{area}")
         now = time.monotonic()
         if now - self._complained.get(area, -math.inf) >= COMPLAIN_INTERVAL:
             self._complained[area] = now

@@ -136,9 +136,13 @@ class Store:
         await self.blocks.flush_all()
         await self.commit(durable=True)
 
-    async def commit(self, durable: bool = False) -> None:
+    async def commit(self, durable: bool = False, shred: bool = False) -> None:
         """Commits the metadata changes so far; `durable` makes them, and every object they
-        reference, survive a power cut (objects first, so metadata never points at lost data)."""
+        reference, survive a power cut (objects first, so metadata never points at lost data);
+        `shred` also checkpoints the metadata's log, so that nothing removed so far (names,
+        keys) survives in it."""
+        if shred:
+            self.db.shred_after_commit()
         if durable:
             await trio.to_thread.run_sync(self.objects.sync)
         if durable or self.db.dirty:
