@@ -1,4 +1,4 @@
-"""The `tempfs` command: mount, umount, status, ls, fsck.
+"""The `tempfs` command: mount, umount, status, ls, erase, fsck, passwd.
 
 Every failure of `tempfs mount` prints one line saying what is wrong and what to do, exits with
 a code of its own (see `Exit`), and leaves the store as it was. `tempfs fsck` checks an unmounted
@@ -7,24 +7,30 @@ store and says by its exit code whether it was clean, repaired, or is left damag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import errno
 import functools
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
+from . import ephemeral
 from .clock import iso_utc
+from .codec import MASTER_KEY_BYTES
 from .config import Config, ConfigError, default_config, default_config_text, load_config
 from .keys import KeyFileError, check_key_location, create_key_file, read_key_file
+from .keyslot import (ENV_NEW_PASSPHRASE, ENV_PASSPHRASE, SLOT_NAME, SOURCES, KeySlotError, Passphrase,
+                      create_slot, find_new_passphrase, find_passphrase, open_slot, replace_slot)
 from .mounts import FSTYPE, find_mount, fusermount_unmount, is_stale
 
 if TYPE_CHECKING:
@@ -138,28 +144,144 @@ def _check_mountpoint(paths: Paths, allow_nonempty: bool) -> None:
         raise Failure(Exit.MOUNTPOINT, f"{paths.store}: the store must not live inside the mountpoint {mp}")
 
 
-def _read_or_create_key(paths: Paths) -> bytes:
+# ---- the master key: a key file, a passphrase (key slot), or ephemeral ---------------------
+@dataclass(frozen=True)
+class MasterKey:
+    """A store's master key and how it is held: `kind` is "file", "passphrase" or "ephemeral";
+    `description` is what status and messages show (never the key). `key` is None only in the
+    parent of a background ephemeral mount: the daemon makes that key itself."""
+    key: Optional[bytes] = field(repr=False)
+    kind: str
+    description: str
+
+
+@contextlib.contextmanager
+def _key_failures() -> Iterator[None]:
+    """Key problems as one-line failures with their exit codes."""
     try:
-        check_key_location(paths.key, paths.mountpoint, paths.store)
-        if paths.key.exists():
-            return read_key_file(paths.key)
-        if (paths.store / "meta.sqlite").exists():
-            raise KeyFileError(f"{paths.key}: key file not found, and the store {paths.store} already holds data "
-                               "encrypted with a key (restore the key file, or point --key-file at it)")
-        log.info("created a new key in %s (mode 0600); keep it safe, without it the store is unreadable", paths.key)
-        return create_key_file(paths.key)
-    except KeyFileError as e:
+        yield
+    except (KeyFileError, KeySlotError) as e:
         raise Failure(Exit.KEY, str(e)) from None
+    except ephemeral.StoreBusyError as e:
+        raise Failure(Exit.LOCKED, str(e)) from None
+    except ephemeral.EphemeralError as e:
+        raise Failure(Exit.USAGE, str(e)) from None
 
 
-def preflight(args: argparse.Namespace) -> tuple[Paths, Config, bytes]:
+def _option_path(args: argparse.Namespace, name: str) -> Optional[Path]:
+    value = getattr(args, name, None)
+    return Path(value).absolute() if value else None
+
+
+def _find_passphrase(paths: Paths, args: argparse.Namespace) -> Optional[Passphrase]:
+    file = _option_path(args, "passphrase_file")
+    if file is not None:
+        check_key_location(file, paths.mountpoint, paths.store, what="passphrase file")
+    return find_passphrase(file)
+
+
+def _master_key(paths: Paths, args: argparse.Namespace, daemon: bool) -> MasterKey:
+    """The key a mount uses. `daemon`: this process serves the mount (an ephemeral key is made here)."""
+    with _key_failures():
+        if getattr(args, "ephemeral", False):
+            return _ephemeral_key(paths, args, daemon)
+        passphrase = _find_passphrase(paths, args)
+        ephemeral.clear_leftovers(paths.store)  # before anything decides whether the store is new
+        if (paths.store / SLOT_NAME).exists():
+            return _key_from_slot(paths, args, passphrase)
+        if passphrase is not None:
+            return _new_passphrase_store(paths, args, passphrase)
+        return MasterKey(_read_or_create_key(paths), "file", str(paths.key))
+
+
+def _existing_key(paths: Paths, args: argparse.Namespace) -> MasterKey:
+    """The key of an existing store, for fsck: from its key slot or its key file, never made anew."""
+    with _key_failures():
+        if ephemeral.is_ephemeral(paths.store):
+            raise KeyFileError(f"{paths.store}: an ephemeral store left by a daemon that did not unmount; its "
+                               "key is gone with it, so nothing in it can be read (the next mount removes it)")
+        passphrase = _find_passphrase(paths, args)
+        if (paths.store / SLOT_NAME).exists():
+            return _key_from_slot(paths, args, passphrase)
+        if passphrase is not None:
+            raise _given_a_passphrase(paths, passphrase)
+        check_key_location(paths.key, paths.mountpoint, paths.store)
+        return MasterKey(read_key_file(paths.key), "file", str(paths.key))
+
+
+def _key_from_slot(paths: Paths, args: argparse.Namespace, passphrase: Optional[Passphrase]) -> MasterKey:
+    slot = paths.store / SLOT_NAME
+    if getattr(args, "key_file", None):
+        raise Failure(Exit.USAGE, f"--key-file: {paths.store} is protected by a passphrase ({slot}), not a key "
+                                  "file; drop --key-file (a lost passphrase is reset with the key file by "
+                                  "tempfs passwd --key-file FILE)")
+    if passphrase is None:
+        raise KeySlotError(f"{paths.store} is protected by a passphrase: give it with {SOURCES} "
+                           "(never on the command line)")
+    return MasterKey(open_slot(slot, passphrase), "passphrase", f"passphrase ({slot})")
+
+
+def _new_passphrase_store(paths: Paths, args: argparse.Namespace, passphrase: Passphrase) -> MasterKey:
+    """A new store protected by a passphrase: a fresh random master key, wrapped in its key slot."""
+    if (paths.store / "meta.sqlite").exists():
+        raise _given_a_passphrase(paths, passphrase)
+    if getattr(args, "key_file", None):
+        raise Failure(Exit.USAGE, f"--key-file and a passphrase (from {passphrase.source}) exclude each other: "
+                                  "a new store is protected by one or the other")
+    slot = paths.store / SLOT_NAME
+    key = secrets.token_bytes(MASTER_KEY_BYTES)
+    try:
+        create_slot(slot, key, passphrase)
+    except FileExistsError:  # another mount of this new store made it first: that slot is the store's
+        return _key_from_slot(paths, args, passphrase)
+    log.info("protected the new store %s with a passphrase (from %s); its key slot is %s",
+             paths.store, passphrase.source, slot)
+    return MasterKey(key, "passphrase", f"passphrase ({slot})")
+
+
+def _given_a_passphrase(paths: Paths, passphrase: Passphrase) -> KeySlotError:
+    return KeySlotError(f"{paths.store} is encrypted with a key file, not a passphrase (one was given by "
+                        f"{passphrase.source}); use its key file, or add a passphrase to it first: "
+                        f"tempfs passwd --store {paths.store}")
+
+
+def _ephemeral_key(paths: Paths, args: argparse.Namespace, daemon: bool) -> MasterKey:
+    if getattr(args, "key_file", None) or getattr(args, "passphrase_file", None):
+        raise Failure(Exit.USAGE, "--ephemeral makes a key of its own that lives only in the daemon's memory; "
+                                  "drop --key-file and --passphrase-file")
+    ephemeral.clear_leftovers(paths.store)
+    ephemeral.check_usable(paths.store)
+    if not daemon:
+        return MasterKey(None, "ephemeral", ephemeral.KEY_DESCRIPTION)
+    ephemeral.forbid_core_dumps()
+    return MasterKey(ephemeral.start(paths.store), "ephemeral", ephemeral.KEY_DESCRIPTION)
+
+
+def _read_or_create_key(paths: Paths) -> bytes:
+    check_key_location(paths.key, paths.mountpoint, paths.store)
+    if paths.key.exists():
+        return read_key_file(paths.key)
+    if (paths.store / "meta.sqlite").exists():
+        raise KeyFileError(f"{paths.key}: key file not found, and the store {paths.store} already holds data "
+                           "encrypted with a key (restore the key file, or point --key-file at it)")
+    log.info("created a new key in %s (mode 0600); keep it safe, without it the store is unreadable", paths.key)
+    return create_key_file(paths.key)
+
+
+def _forget_passphrases() -> None:
+    """The daemon drops passphrases from its environment once the key is unwrapped, so that the
+    programs it runs (alert commands) do not inherit them."""
+    for name in (ENV_PASSPHRASE, ENV_NEW_PASSPHRASE):
+        os.environ.pop(name, None)
+
+
+def preflight(args: argparse.Namespace, daemon: bool = True) -> tuple[Paths, Config, MasterKey]:
     """Everything that can be checked without opening the store."""
     paths = resolve_paths(args)
     _check_fuse()
     config = _load_or_write_config(paths.config)
     _check_mountpoint(paths, args.allow_nonempty)
-    key = _read_or_create_key(paths)
-    return paths, config, key
+    return paths, config, _master_key(paths, args, daemon)
 
 
 def _setup_logging(foreground: bool, log_file: Optional[Path], verbose: bool, level: int = logging.INFO) -> None:
@@ -168,9 +290,24 @@ def _setup_logging(foreground: bool, log_file: Optional[Path], verbose: bool, le
         handlers.append(logging.StreamHandler(sys.stderr))
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        _create_private(log_file)
+        if not (foreground and _is_stderr(log_file)):  # a background daemon's stderr is its log already
+            handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(level=logging.DEBUG if verbose else level, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _is_stderr(path: Path) -> bool:
+    try:
+        a, b = os.fstat(2), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _create_private(log_file: Path) -> None:
+    """A new log is for the owner only: it names paths, which may carry personal identifiers."""
+    os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -178,12 +315,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not args.foreground:
         return _mount_in_background(args)
     _setup_logging(True, Path(args.log_file) if args.log_file else None, args.verbose)
-    paths, config, key = preflight(args)
+    paths, config, master = preflight(args)
+    _forget_passphrases()
     from .clock import daemon_clock
     from .daemon import serve
-    metrics = _listen_for_metrics(*metrics_addr) if metrics_addr else None  # before the store and the mount
-    store = _open_store(paths, key, config.dirty_limit, config.cache_limit, clock=daemon_clock())
-    serve(store, config, paths.mountpoint, events_path=paths.events, metrics=metrics, key_path=paths.key)
+    try:
+        metrics = _listen_for_metrics(*metrics_addr) if metrics_addr else None  # before the store and the mount
+        store = _open_store(paths, master.key, config.dirty_limit, config.cache_limit, clock=daemon_clock())
+        serve(store, config, paths.mountpoint, events_path=paths.events, metrics=metrics,
+              key_path=master.description)
+    finally:
+        if master.kind == "ephemeral":  # its key dies with this process: so does its content
+            ephemeral.remove_after_unmount(paths.store)
     return Exit.OK
 
 
@@ -230,9 +373,10 @@ def _open_store(paths: Paths, key: bytes, dirty_limit: int, cache_limit: int, **
 
 def _mount_in_background(args: argparse.Namespace) -> int:
     _setup_logging(True, None, args.verbose, level=logging.WARNING)  # the daemon logs the details
-    paths, _config, _key = preflight(args)
+    paths, _config, master = preflight(args, daemon=False)
     child_args = [sys.executable, "-m", "tempfs", "mount", str(paths.mountpoint), "--foreground",
-                  "--store", str(paths.store), "--config", str(paths.config), "--key-file", str(paths.key)]
+                  "--store", str(paths.store), "--config", str(paths.config), "--log-file", str(paths.log),
+                  *_key_args(args, paths, master)]
     if args.allow_nonempty:
         child_args.append("--allow-nonempty")
     if args.verbose:
@@ -242,6 +386,7 @@ def _mount_in_background(args: argparse.Namespace) -> int:
     paths.log.parent.mkdir(parents=True, exist_ok=True)
     start = paths.log.stat().st_size if paths.log.exists() else 0
     # the daemon's stderr is its log: messages, and its one-line reason if it fails to start
+    _create_private(paths.log)
     with open(os.devnull, "rb") as devnull, open(paths.log, "ab") as log_file:
         child = subprocess.Popen(child_args, stdin=devnull, stdout=subprocess.DEVNULL, stderr=log_file,
                                  start_new_session=True)
@@ -254,7 +399,7 @@ def _mount_in_background(args: argparse.Namespace) -> int:
         entry = find_mount(paths.mountpoint)
         if entry is not None and entry.fstype == FSTYPE:
             print(f"tempfs mounted at {paths.mountpoint} (daemon pid {child.pid})\n"
-                  f"  store:  {paths.store}\n  key:    {paths.key}\n  config: {paths.config}\n"
+                  f"  store:  {paths.store}\n  key:    {master.description}\n  config: {paths.config}\n"
                   f"  log:    {paths.log}\n  unmount: tempfs umount {paths.mountpoint}")
             if getattr(args, "metrics_addr", None):
                 print(f"  metrics: http://{args.metrics_addr}/metrics")
@@ -262,6 +407,17 @@ def _mount_in_background(args: argparse.Namespace) -> int:
         time.sleep(0.05)
     child.terminate()
     raise Failure(Exit.FAILED, f"the daemon did not mount within {READY_TIMEOUT:.0f} s; see {paths.log}")
+
+
+def _key_args(args: argparse.Namespace, paths: Paths, master: MasterKey) -> list[str]:
+    """How the daemon finds the key: the key file, the passphrase file (a passphrase from the
+    environment or a systemd credential is inherited), or --ephemeral. Never a secret itself."""
+    if master.kind == "ephemeral":
+        return ["--ephemeral"]
+    if master.kind == "passphrase":
+        file = _option_path(args, "passphrase_file")
+        return ["--passphrase-file", str(file)] if file else []
+    return ["--key-file", str(paths.key)]
 
 
 def _last_line(log_path: Path, start: int) -> str:
@@ -771,11 +927,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     if not (paths.store / "meta.sqlite").exists():
         raise Failure(Exit.USAGE, f"{paths.store}: there is no tempfs store there (pass --store DIR)")
     config = _fsck_config(paths.config)
-    try:
-        key = read_key_file(paths.key)
-    except KeyFileError as e:
-        raise Failure(Exit.KEY, str(e)) from None
-    store = _open_store(paths, key, config.dirty_limit, 0)
+    store = _open_store(paths, _existing_key(paths, args).key, config.dirty_limit, 0)
     try:
         report = _run_check(store, repair=not args.no_repair, verify_content=not args.quick)
     except sqlite3.DatabaseError as e:
@@ -837,6 +989,59 @@ def format_report(store_path: Path, report: "CheckReport", verified: bool) -> st
     return "\n".join(lines)
 
 
+# ---- passwd --------------------------------------------------------------------------------
+def cmd_passwd(args: argparse.Namespace) -> int:
+    """Sets the passphrase of a store: rewrites its key slot alone (the data stays as it is), so
+    it works while the store is mounted. The key comes from the slot with the current passphrase,
+    or from the key file (--key-file, or a key-file store): that adds a passphrase to a key-file
+    store, or resets a forgotten one."""
+    _setup_logging(True, None, False, level=logging.WARNING)
+    paths = resolve_paths(args)
+    slot = paths.store / SLOT_NAME
+    with _key_failures():
+        if ephemeral.is_ephemeral(paths.store):
+            raise Failure(Exit.USAGE, f"{paths.store}: an ephemeral store has no passphrase (its key lives "
+                                      "only in its daemon's memory)")
+        if not slot.exists() and not (paths.store / "meta.sqlite").exists():
+            raise Failure(Exit.USAGE, f"{paths.store}: there is no tempfs store there (pass --store DIR)")
+        new = find_new_passphrase(_option_path(args, "new_passphrase_file"))
+        if new is None:
+            raise Failure(Exit.USAGE, f"give the new passphrase with --new-passphrase-file FILE or the "
+                                      f"environment variable {ENV_NEW_PASSPHRASE} (never on the command line)")
+        if slot.exists() and not args.key_file:
+            replace_slot(slot, _existing_key(paths, args).key, new)
+            print(f"{paths.store}: passphrase changed; only {slot} was rewritten, the data is untouched")
+            return Exit.OK
+        key = _verified_key_file(paths)
+        (replace_slot if slot.exists() else create_slot)(slot, key, new)
+    print(f"{paths.store}: protected by the passphrase from {new.source} ({slot}); mount it with that "
+          f"passphrase, without --key-file. The key file {paths.key} still opens the store: keep it "
+          "offline as a backup, or remove it")
+    return Exit.OK
+
+
+def _verified_key_file(paths: Paths) -> bytes:
+    """The key file's key, checked against the store's key check value (read without locking or
+    changing the store: a daemon may be serving it)."""
+    from .codec import ContentCodec
+    check_key_location(paths.key, paths.mountpoint, paths.store)
+    key = read_key_file(paths.key)
+    if _stored_key_check(paths.store / "meta.sqlite") != ContentCodec(key).key_check_value():
+        raise KeyFileError(f"{paths.key}: this key does not open the store {paths.store} (wrong key file?)")
+    return key
+
+
+def _stored_key_check(db: Path) -> Optional[bytes]:
+    # Without a WAL file no daemon is writing: open it immutable, which creates no -wal/-shm files.
+    mode = "ro" if db.with_name(db.name + "-wal").exists() else "ro&immutable=1"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.absolute().as_uri()}?mode={mode}", uri=True)) as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'key_check'").fetchone()
+    except sqlite3.Error as e:
+        raise Failure(Exit.FAILED, f"{db}: cannot read the store's key check value ({e})") from None
+    return None if row is None else bytes(row[0])
+
+
 # ---- the command line ----------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tempfs", description=__doc__.splitlines()[0])
@@ -846,6 +1051,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--store", help="store folder (default: data/.tempfs-store)")
     m.add_argument("--config", help="config file (default: config/tempfs.toml; written with defaults if missing)")
     m.add_argument("--key-file", help="key file (default: config/tempfs.key; created for a new store)")
+    m.add_argument("--passphrase-file", metavar="FILE",
+                   help=f"read the passphrase from FILE (mode 0600); else ${ENV_PASSPHRASE} or the systemd "
+                        "credential tempfs-passphrase. A new store given a passphrase gets no key file")
+    m.add_argument("--ephemeral", action="store_true",
+                   help="a fresh key kept only in the daemon's memory: the store's content is removed at "
+                        "unmount, and is unreadable (and removed by the next mount) after a crash")
     m.add_argument("--log-file", help="daemon log (default: tempfs.log beside the store)")
     m.add_argument("--foreground", action="store_true", help="serve in the foreground, logging to stderr")
     m.add_argument("--allow-nonempty", action="store_true", help="mount over a folder that holds files")
@@ -877,11 +1088,22 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fsck", help="check (and repair) an unmounted store")
     f.add_argument("--store", help="store folder (default: data/.tempfs-store)")
     f.add_argument("--key-file", help="key file (default: config/tempfs.key)")
+    f.add_argument("--passphrase-file", metavar="FILE", help="passphrase of a passphrase-protected store "
+                   f"(else ${ENV_PASSPHRASE} or the systemd credential tempfs-passphrase)")
     f.add_argument("--config", help="config file (default: config/tempfs.toml, or the defaults if missing)")
     f.add_argument("--no-repair", action="store_true", help="report problems, change nothing")
     f.add_argument("--quick", action="store_true", help="check that object files exist, not their content")
     f.add_argument("--json", action="store_true", help="machine-readable report")
     f.set_defaults(func=cmd_fsck, mountpoint=None, log_file=None)
+    p = sub.add_parser("passwd", help="set or change a store's passphrase (rewrites its key slot only)")
+    p.add_argument("--store", help="store folder (default: data/.tempfs-store)")
+    p.add_argument("--passphrase-file", metavar="FILE",
+                   help=f"the current passphrase (else ${ENV_PASSPHRASE} or the systemd credential tempfs-passphrase)")
+    p.add_argument("--new-passphrase-file", metavar="FILE",
+                   help=f"the new passphrase (else ${ENV_NEW_PASSPHRASE})")
+    p.add_argument("--key-file", help="take the key from this key file instead of the current passphrase: adds a "
+                                      "passphrase to a key-file store (default: config/tempfs.key), or resets a lost one")
+    p.set_defaults(func=cmd_passwd, mountpoint=None, log_file=None, config=None)
     return parser
 
 

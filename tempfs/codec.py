@@ -7,8 +7,11 @@ Guarantees:
   key derived from the master key. Destroying that wrapped key destroys the object's content
   for good, even for someone holding the master key and the object file (crypto-shredding).
 - An object is bound to its identity: the object id is in the associated data of both the
-  content and its wrapped key, so a swapped, truncated or altered object fails to open with
-  `IntegrityError` instead of returning wrong data.
+  content and its wrapped key, and its dedup digest in that of the wrapped key, so a swapped,
+  truncated or altered object, or an edited digest (which would let a later write deduplicate
+  onto the wrong content), fails to open with `IntegrityError` instead of returning wrong data.
+- A block map entry (file, block number -> object) carries a tag only the key can make, so an
+  entry edited to point one file's block at another's object is detected.
 - Deduplication uses a keyed digest of the plaintext, so equal digests in the metadata reveal
   nothing about content to someone without the master key.
 """
@@ -29,6 +32,7 @@ MASTER_KEY_BYTES = 32
 _MAGIC = b"TFO1"
 _RAW, _LZ4 = 0, 1
 _HEADER = struct.Struct(">4sBQ")  # magic, format, object id
+_BLOCK = struct.Struct(">QQQ")  # inode, block number, object id
 _NONCE = 12
 _TAG = 16
 SEAL_OVERHEAD = _HEADER.size + _NONCE + _TAG  # an object is at most this much larger than its block
@@ -53,6 +57,8 @@ class ContentCodec:
         self._wrap = AESGCM(_subkey(master_key, b"object key wrapping"))
         self._digest_key = _subkey(master_key, b"dedup digest")
         self._check = _subkey(master_key, b"key check value")
+        self._tag_key = _subkey(master_key, b"block map tag")
+        self.metadata_key = _subkey(master_key, b"metadata")  # for names.MetadataCipher
 
     def key_check_value(self) -> bytes:
         """A value stored with the store, so a wrong key is detected before anything is touched."""
@@ -62,8 +68,13 @@ class ContentCodec:
         """Keyed digest of a block's plaintext: the deduplication key."""
         return hashlib.blake2b(plain, key=self._digest_key, digest_size=32).digest()
 
-    def seal(self, object_id: int, plain: bytes) -> tuple[bytes, bytes]:
-        """Returns (object bytes to store on disk, wrapped object key for the metadata)."""
+    def block_tag(self, inode: int, blockno: int, object_id: int) -> bytes:
+        """Authenticates one block map entry."""
+        return hashlib.blake2b(_BLOCK.pack(inode, blockno, object_id), key=self._tag_key, digest_size=16).digest()
+
+    def seal(self, object_id: int, plain: bytes, digest: bytes = b"") -> tuple[bytes, bytes]:
+        """Returns (object bytes to store on disk, wrapped object key for the metadata); `digest`
+        is the dedup digest the metadata records for it, bound to the key."""
         if len(plain) > MAX_PLAIN_BYTES:
             raise ValueError("block too large")
         fmt, body = _compress(plain)
@@ -71,9 +82,9 @@ class ContentCodec:
         object_key = AESGCM.generate_key(bit_length=256)
         nonce = os.urandom(_NONCE)
         sealed = header + nonce + AESGCM(object_key).encrypt(nonce, body, header)
-        return sealed, self._wrap_key(object_id, object_key)
+        return sealed, self._wrap_key(object_id, digest, object_key)
 
-    def open(self, object_id: int, sealed: bytes, wrapped_key: bytes) -> bytes:
+    def open(self, object_id: int, sealed: bytes, wrapped_key: bytes, digest: bytes = b"") -> bytes:
         """Returns the plaintext block, or raises IntegrityError."""
         if len(sealed) < SEAL_OVERHEAD:
             raise IntegrityError("object too short")
@@ -81,7 +92,7 @@ class ContentCodec:
         magic, fmt, stored_id = _HEADER.unpack(header)
         if magic != _MAGIC or stored_id != object_id or fmt not in (_RAW, _LZ4):
             raise IntegrityError("object header does not match its identity")
-        object_key = self._unwrap_key(object_id, wrapped_key)
+        object_key = self._unwrap_key(object_id, digest, wrapped_key)
         nonce = sealed[_HEADER.size : _HEADER.size + _NONCE]
         try:
             body = AESGCM(object_key).decrypt(nonce, sealed[_HEADER.size + _NONCE :], header)
@@ -89,13 +100,17 @@ class ContentCodec:
             raise IntegrityError("object failed authentication") from None
         return _decompress(fmt, body)
 
-    def _wrap_key(self, object_id: int, object_key: bytes) -> bytes:
-        nonce = os.urandom(_NONCE)
-        return nonce + self._wrap.encrypt(nonce, object_key, _id_bytes(object_id))
+    def bind_digest(self, object_id: int, digest: bytes, wrapped_key: bytes) -> bytes:
+        """Re-wraps a key wrapped before digests were bound (schema version 3 and older)."""
+        return self._wrap_key(object_id, digest, self._unwrap_key(object_id, b"", wrapped_key))
 
-    def _unwrap_key(self, object_id: int, wrapped: bytes) -> bytes:
+    def _wrap_key(self, object_id: int, digest: bytes, object_key: bytes) -> bytes:
+        nonce = os.urandom(_NONCE)
+        return nonce + self._wrap.encrypt(nonce, object_key, _id_bytes(object_id) + digest)
+
+    def _unwrap_key(self, object_id: int, digest: bytes, wrapped: bytes) -> bytes:
         try:
-            return self._wrap.decrypt(wrapped[:_NONCE], wrapped[_NONCE:], _id_bytes(object_id))
+            return self._wrap.decrypt(wrapped[:_NONCE], wrapped[_NONCE:], _id_bytes(object_id) + digest)
         except (InvalidTag, ValueError):
             raise IntegrityError("object key failed authentication") from None
 

@@ -3,10 +3,13 @@ SIGINT/SIGTERM flush everything and close the store cleanly.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
+import sqlite3
 import stat
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +28,8 @@ from .store.check import check_store
 log = logging.getLogger(__name__)
 
 CHECK_POLL = 1.0  # how often the daemon looks whether the whole-store check is due
+STORE_POLL = 1.0  # how often it looks whether its store folder is still there
+SHUTDOWN_RETRY = 60.0  # how long unmounting retries storing what is left (full disk, locked database)
 
 
 def prepare_tree(store: Store, config: Config) -> None:
@@ -76,7 +81,7 @@ def mount_options(store_path: Path) -> set[str]:
 
 
 def serve(store: Store, config: Config, mountpoint: Path, events_path: Optional[Path] = None,
-          metrics=None, key_path: Optional[Path] = None) -> None:
+          metrics=None, key_path: Optional[Path | str] = None) -> None:
     """Mounts and serves until unmounted; always leaves the store closed and the mount gone.
     Events (refusals, expiries, evictions, alerts, ...) go to `events_path` as JSON lines."""
     prepare_tree(store, config)
@@ -84,6 +89,8 @@ def serve(store: Store, config: Config, mountpoint: Path, events_path: Optional[
                       alert_timeout=config.alerts.command_timeout)
     ops = TempFS(store, area_rules(config), config.min_free, monitor, config.alerts)
     ops.key_path = None if key_path is None else str(key_path)
+    if store.needs_recovery:  # the last daemon died: repair what a crash leaves, before serving
+        ops.last_check = check_after_crash(store, monitor)
     pyfuse3.init(ops, str(mountpoint), mount_options(store.path))
     monitor.event("mounted", f"mounted {store.path} at {mountpoint}", store=str(store.path),
                   mountpoint=str(mountpoint), pid=os.getpid())
@@ -93,9 +100,58 @@ def serve(store: Store, config: Config, mountpoint: Path, events_path: Optional[
         trio.run(daemon.run)
     finally:
         pyfuse3.close(unmount=daemon.must_unmount)
-        store.close()
+        _close_store(store)
         monitor.event("unmounted", f"unmounted {mountpoint}; store closed", mountpoint=str(mountpoint))
         monitor.close()
+
+
+def check_after_crash(store: Store, monitor: Monitor) -> Optional[dict]:
+    """The quick part of the whole-store check (object files present, not read), with repairs:
+    after an unclean shutdown it removes the object files that a crash between writing an
+    object and committing it (or between a commit and the removals after it) leaves, and finds
+    anything else amiss. Returns its report for status (None if it failed); logs a summary."""
+    log.warning("%s was not closed cleanly (the daemon was killed or the machine stopped): "
+                "running the quick store check before serving", store.path)
+    try:
+        report = trio.run(functools.partial(check_store, store, repair=True, verify_content=False))
+    except Exception as e:
+        log.exception("the quick store check after an unclean shutdown failed; serving anyway")
+        monitor.alert("check_failed", f"the quick store check after an unclean shutdown failed: {e}")
+        return None
+    result = report.to_dict()
+    result["kind"] = "quick, after an unclean shutdown"
+    log.warning("quick store check after an unclean shutdown: %d objects present, %d repaired, %d damaged, "
+                "in %.2f s", report.objects_checked, len(report.repaired), len(report.damaged), result["seconds"])
+    if report.damaged:
+        monitor.alert("store_damage", f"the quick store check after an unclean shutdown found "
+                      f"{len(report.damaged)} problems it cannot repair (see the log)", problems=len(report.damaged))
+    else:
+        store.needs_recovery = False  # the next clean close marks the store clean again
+    return result
+
+
+def _close_store(store: Store) -> None:
+    """Closes the store; while another process holds its database, retries for a while rather
+    than lose the last changes."""
+    deadline = time.monotonic() + SHUTDOWN_RETRY
+    while True:
+        try:
+            store.close()
+            return
+        except sqlite3.OperationalError as e:
+            if time.monotonic() >= deadline:
+                raise
+            log.error("cannot close the store (%s); retrying", e)
+            time.sleep(1.0)
+
+
+def _identity(store_path: Path) -> Optional[tuple[int, ...]]:
+    """What tells the store folder and its database from a removed or replaced one."""
+    try:
+        folder, db = os.stat(store_path), os.stat(store_path / "meta.sqlite")
+    except OSError:  # gone, or no longer reachable
+        return None
+    return folder.st_dev, folder.st_ino, db.st_dev, db.st_ino
 
 
 class _Daemon:
@@ -113,6 +169,7 @@ class _Daemon:
             await nursery.start(self.ops.run_reaper)
             await nursery.start(self.ops.space.run_watch)
             await nursery.start(self._run_checks)
+            await nursery.start(self._watch_store)
             await nursery.start(self.ops.monitor.run_alert_command)
             if self.metrics is not None:
                 await nursery.start(self.metrics.run, self.ops)
@@ -120,7 +177,7 @@ class _Daemon:
             await pyfuse3.main()
             self.must_unmount = self._terminated_by_us
             nursery.cancel_scope.cancel()
-        await self.store.sync()
+        await self._store_everything()
 
     _terminated_by_us = False
     metrics = None
@@ -136,6 +193,36 @@ class _Daemon:
             if self.store.clock() - self.store.last_check_ns >= self.check_interval_ns:
                 await self._check_once()
             await trio.sleep(CHECK_POLL)
+
+    async def _watch_store(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Notices the store folder (or its database) removed or replaced under the running
+        daemon: nothing could be stored any more, so from then on every change is refused with
+        EIO (reads of what is still reachable go on), said once in the log and as an alert."""
+        identity = _identity(self.store.path)
+        task_status.started()
+        while _identity(self.store.path) == identity:
+            await trio.sleep(STORE_POLL)
+        self.ops.store_lost = f"the store {self.store.path} was removed or replaced while mounted"
+        log.error("%s: every change now fails with EIO, and what was written since the last commit cannot "
+                  "be stored; unmount (tempfs umount %s), then restore the store or mount a new one",
+                  self.ops.store_lost, self.mountpoint)
+        self.ops.monitor.alert("store_lost", self.ops.store_lost, store=str(self.store.path))
+
+    async def _store_everything(self) -> None:
+        """At unmount: stores all written data and commits; a full disk or a database another
+        process holds is retried for SHUTDOWN_RETRY seconds before what is left is given up."""
+        deadline = trio.current_time() + SHUTDOWN_RETRY
+        while True:
+            try:
+                await self.store.sync()
+                return
+            except (OSError, sqlite3.Error) as e:
+                if self.ops.store_lost or trio.current_time() >= deadline:
+                    log.error("unmounting: cannot store what was written (%s): %d bytes of it are lost",
+                              e, self.store.blocks.dirty_bytes)
+                    return
+                log.error("unmounting: cannot store what was written yet (%s); retrying", e)
+                await trio.sleep(1.0)
 
     async def _check_once(self) -> None:
         """Runs the check (it logs each repair and problem itself) and keeps its report for status."""

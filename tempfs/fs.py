@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import sqlite3
 import stat
 import time
 import collections
@@ -27,7 +28,7 @@ from .clock import iso_utc
 from .config import Alerts
 from .monitor import Monitor
 from .space import AreaRule, Space
-from .store import BlockReadError, Inode, Store, StoreError
+from .store import BlockReadError, DamagedMetadata, Inode, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,12 @@ PENDING_CACHE_SECONDS = 1.0   # ...nor long while a file's stored size is about 
 REAP_BATCH = 1000
 
 
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+# requests that change the store: refused with EIO once it is lost (removed while mounted)
+_CHANGES = {"mkdir", "mknod", "symlink", "link", "unlink", "rmdir", "rename", "setattr", "setxattr",
+            "removexattr", "create", "write", "fsync", "fsyncdir"}
+
+
 def _errors(method):
     """Turns store errors into errnos; an unexpected error is logged and answered with EIO,
     because an exception escaping a handler would stop the whole FUSE loop."""
@@ -56,17 +63,27 @@ def _errors(method):
     async def wrapper(self, *args, **kwargs):
         started = time.perf_counter()
         try:
+            if self.store_lost and method.__name__ in _CHANGES:
+                raise FUSEError(errno.EIO)  # said once in the log, by whoever found it lost
             return await method(self, *args, **kwargs)
         except FUSEError:
             raise
         except StoreError as e:
             raise FUSEError(e.errno) from None
         except BlockReadError as e:
-            self._integrity_error(e)
+            self._integrity_error(e.inode, "the content", e.reason, block=e.blockno)
+            raise FUSEError(errno.EIO) from None
+        except DamagedMetadata as e:
+            self._integrity_error(e.inode, e.what, str(e))
             raise FUSEError(errno.EIO) from None
         except OSError as e:  # the disk under the store: ENOSPC, EIO, ...
             log.error("%s failed: %s", method.__name__, e)
-            raise FUSEError(e.errno or errno.EIO) from None
+            # a full or read-only disk means something to the program; the store's own paths
+            # (ENOENT, EISDIR, ... of an object file) do not
+            raise FUSEError(e.errno if e.errno in _DISK_ERRNOS else errno.EIO) from None
+        except sqlite3.OperationalError as e:  # e.g. another process holds the metadata database
+            log.error("%s failed: the metadata database: %s", method.__name__, e)
+            raise FUSEError(errno.EIO) from None
         except Exception:
             log.exception("%s failed", method.__name__)
             raise FUSEError(errno.EIO) from None
@@ -106,6 +123,7 @@ class TempFS(pyfuse3.Operations):
         self._waiting: set[int] = set()  # due, but open or a folder with entries: looked at next pass
         self._reaper_wake = trio.Event()
         self.last_check: Optional[dict] = None  # the report of the daemon's last whole-store check
+        self.store_lost: Optional[str] = None     # why the store cannot be used any more (daemon.py)
         self.key_path: Optional[str] = None       # shown by status; set by whoever knows it
 
     # ---- replies -------------------------------------------------------------------------
@@ -171,11 +189,12 @@ class TempFS(pyfuse3.Operations):
             del self._refusals[pid]
             self.monitor.clear(f"refusals:{pid}")
 
-    def _integrity_error(self, e: BlockReadError) -> None:
-        path = self.store.path_of(e.inode)
+    def _integrity_error(self, ino: int, what: str, reason: str, **fields) -> None:
+        """The store was altered outside tempfs (or damaged): an event, and an alert per inode."""
+        path = self.store.path_of(ino)
         self.monitor.count("integrity_errors")
-        self.monitor.event("integrity_error", e.reason, logging.ERROR, path=path, block=e.blockno)
-        self.monitor.alert(f"integrity:{e.inode}", f"content of {path} fails its integrity check", path=path)
+        self.monitor.event("integrity_error", reason, logging.ERROR, path=path, **fields)
+        self.monitor.alert(f"integrity:{ino}", f"{what} of {path} fails its integrity check", path=path)
 
     def _child_path(self, parent: int, name: bytes) -> str:
         base = self.store.path_of(parent).rstrip("/")
@@ -352,8 +371,10 @@ class TempFS(pyfuse3.Operations):
             if node.is_dir:
                 raise FUSEError(errno.EISDIR)
             await self.store.truncate(inode, attr.st_size)
-        if changes or fields.update_ctime:
-            self.store.set_attrs(inode, **changes)
+        # Every change of attributes changes ctime, even one to the values they have (chown to
+        # the same owner); FUSE does not pass the kernel's ctime update on (only with writeback
+        # caching), so it is done here for every request.
+        self.store.set_attrs(inode, **changes)
         return self._attributes(self.store.inode(inode))
 
     @_errors
@@ -470,8 +491,8 @@ class TempFS(pyfuse3.Operations):
         node = self.store.inode(inode)
         if node.is_dir:
             raise FUSEError(errno.EISDIR)
-        if flags & os.O_TRUNC and node.size:  # libfuse 3 hands O_TRUNC to open, not to setattr
-            await self.store.truncate(inode, 0)
+        if flags & os.O_TRUNC:  # libfuse 3 hands O_TRUNC to open, not to setattr
+            await self.store.truncate(inode, 0)  # even of an empty file: mtime and ctime change
         self._opens[inode] += 1
         self.store.touch_used(inode)
         return pyfuse3.FileInfo(fh=inode)
@@ -616,7 +637,8 @@ class TempFS(pyfuse3.Operations):
                         evicted=self.monitor.totals[f"evicted:{area}"],
                         refused_full=self.monitor.totals[f"refused_full:{area}"],
                         **self._recent(f"expired:{area}", "expired"), **self._recent(f"evicted:{area}", "evicted"))
-        usage["disk"] = {"free_bytes": self.space.free_bytes(), "min_free_bytes": self.space.min_free}
+        free = None if self.store_lost else self.space.free_bytes()  # (lost: its folder is gone)
+        usage["disk"] = {"free_bytes": free, "min_free_bytes": self.space.min_free}
         usage["schema_folders"] = self.store.schema_paths()
         usage["daemon"] = self._daemon_facts()
         return usage

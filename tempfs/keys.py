@@ -51,10 +51,10 @@ def read_key_file(path: Path) -> bytes:
     return key
 
 
-def check_key_location(key_path: Path, *forbidden: Path) -> None:
-    """Refuses a key file that lies inside the mount or the store."""
+def check_key_location(key_path: Path, *forbidden: Path, what: str = "key") -> None:
+    """Refuses a key file (or passphrase file: `what`) that lies inside the mount or the store."""
     key_dir = key_path.resolve().parent
     for place in forbidden:
         place = place.resolve()
         if key_dir == place or place in key_dir.parents:
-            raise KeyFileError(f"{key_path}: the key must not live inside {place}; keep it under config/")
+            raise KeyFileError(f"{key_path}: the {what} must not live inside {place}; keep it under config/")

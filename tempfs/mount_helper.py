@@ -1,6 +1,8 @@
 """mount.fuse.tempfs: the helper mount(8) runs for `mount -t fuse.tempfs` and /etc/fstab lines.
 
     mount -t fuse.tempfs STORE MOUNTPOINT -o config=FILE,key_file=FILE[,log_file=FILE][,allow_nonempty]
+    mount -t fuse.tempfs STORE MOUNTPOINT -o config=FILE,passphrase_file=FILE     (a passphrase store)
+    mount -t fuse.tempfs STORE MOUNTPOINT -o config=FILE,ephemeral                (key in memory only)
     /srv/vision/data/.tempfs-store  /srv/vision/data/temp  fuse.tempfs  config=...,key_file=...,nofail  0 0
 
 For a type `fuse.X`, mount(8) (libmount) looks for `/sbin/mount.fuse.X` and only then falls
@@ -14,10 +16,13 @@ calls it as
 with OPTIONS holding `rw` (or `ro`), the fstab options libmount does not consume itself (`nofail`,
 `_netdev`, `user`, ...), and the filesystem's own. tempfs's own options:
 
-    config=FILE       the config file (written with the defaults if missing)     required
-    key_file=FILE     the key file (created, mode 0600, for a new store)         required
-    log_file=FILE     the daemon log (default: tempfs.log beside the store)
-    allow_nonempty    mount over a folder that holds files
+    config=FILE           the config file (written with the defaults if missing)  required
+    key_file=FILE         the key file (created, mode 0600, for a new store)      required, unless:
+    passphrase_file=FILE  the passphrase (mode 0600) of a passphrase-protected store (a new store
+                          given one gets a key slot, no key file)
+    ephemeral             a fresh key that lives only in the daemon's memory (tempfs mount --ephemeral)
+    log_file=FILE         the daemon log (default: tempfs.log beside the store)
+    allow_nonempty        mount over a folder that holds files
 
 Paths must be absolute: mount(8) from /etc/fstab runs with `/` as its working directory. The
 generic options of mount(8) and fstab (rw, defaults, auto, noauto, nofail, _netdev, user, ...,
@@ -49,7 +54,7 @@ TYPES = ("fuse.tempfs", "tempfs")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 USAGE = (f"usage: {PROG} STORE MOUNTPOINT [-s] [-f] [-n] [-v] "
-         "-o config=FILE,key_file=FILE[,log_file=FILE][,allow_nonempty]")
+         "-o config=FILE,{key_file=FILE|passphrase_file=FILE|ephemeral}[,log_file=FILE][,allow_nonempty]")
 
 # Options of mount(8) and fstab that say nothing to tempfs: accepted and ignored.
 GENERIC_OPTIONS = frozenset({
@@ -57,9 +62,10 @@ GENERIC_OPTIONS = frozenset({
     "group", "exec", "noexec", "suid", "nosuid", "dev", "nodev",
 })
 GENERIC_PREFIXES = ("x-", "X-", "comment=")
-PATH_OPTIONS = {"config": "config", "key_file": "key_file", "log_file": "log_file"}
-REQUIRED = ("config", "key_file")
-KNOWN = "config=FILE, key_file=FILE, log_file=FILE, allow_nonempty"
+PATH_OPTIONS = {"config": "config", "key_file": "key_file", "passphrase_file": "passphrase_file",
+                "log_file": "log_file"}
+FLAG_OPTIONS = ("allow_nonempty", "ephemeral")
+KNOWN = "config=FILE, key_file=FILE, passphrase_file=FILE, ephemeral, log_file=FILE, allow_nonempty"
 
 
 class UsageError(Failure):
@@ -78,8 +84,10 @@ class Request:
     mountpoint: Path
     config: Optional[Path] = None
     key_file: Optional[Path] = None
+    passphrase_file: Optional[Path] = None
     log_file: Optional[Path] = None
     allow_nonempty: bool = False
+    ephemeral: bool = False
     fake: bool = False          # -f (fake): check the arguments, mount nothing
     sloppy: bool = False        # -s: ignore unknown options
     verbose: bool = False       # -v: say what was done
@@ -88,12 +96,14 @@ class Request:
 
     def mount_argv(self) -> list[str]:
         """The command line of `tempfs mount` (in the background) for this request."""
-        argv = ["mount", str(self.mountpoint), "--store", str(self.store), "--config", str(self.config),
-                "--key-file", str(self.key_file)]
-        if self.log_file:
-            argv += ["--log-file", str(self.log_file)]
-        if self.allow_nonempty:
-            argv.append("--allow-nonempty")
+        argv = ["mount", str(self.mountpoint), "--store", str(self.store), "--config", str(self.config)]
+        for option, value in (("--key-file", self.key_file), ("--passphrase-file", self.passphrase_file),
+                              ("--log-file", self.log_file)):
+            if value:
+                argv += [option, str(value)]
+        for option, value in (("--allow-nonempty", self.allow_nonempty), ("--ephemeral", self.ephemeral)):
+            if value:
+                argv.append(option)
         return argv
 
 
@@ -182,10 +192,11 @@ def parse_args(argv: Sequence[str]) -> Request:
     for text in option_strings:
         for option in split_options(text):
             _apply_option(request, option)
-    for name in REQUIRED:
-        if getattr(request, name) is None:
-            raise UsageError(f"missing option {name}=FILE (e.g. -o config=/srv/vision/config/tempfs.toml,"
-                             "key_file=/srv/vision/config/tempfs.key)")
+    example = "e.g. -o config=/srv/vision/config/tempfs.toml,key_file=/srv/vision/config/tempfs.key"
+    if request.config is None:
+        raise UsageError(f"missing option config=FILE ({example})")
+    if request.key_file is None and request.passphrase_file is None and not request.ephemeral:
+        raise UsageError(f"missing option key_file=FILE, or passphrase_file=FILE, or ephemeral ({example})")
     return request
 
 
@@ -195,10 +206,10 @@ def _apply_option(request: Request, option: str) -> None:
         if not eq:
             raise UsageError(f"option {name} needs a value: {name}=FILE (an absolute path)")
         setattr(request, PATH_OPTIONS[name], _absolute(f"{name}=", value))
-    elif name == "allow_nonempty":
+    elif name in FLAG_OPTIONS:
         if eq:
-            raise UsageError(f"option allow_nonempty takes no value: {option}")
-        request.allow_nonempty = True
+            raise UsageError(f"option {name} takes no value: {option}")
+        setattr(request, name, True)
     elif name == "ro" and not eq:
         raise UsageError("option ro: tempfs has no read-only mode (it writes the store and expires "
                          "files by itself); mount it rw, and use permissions to keep writers out")

@@ -201,11 +201,17 @@ class Space:
         """Keeps the floor when the disk fills from elsewhere, with nobody writing here, and
         raises the capacity alerts."""
         task_status.started()
+        complained = -math.inf
         while True:
             await trio.sleep(WATCH_INTERVAL)
-            self._watch_capacity()
-            if self.min_free:
-                await self._keep_floor()
+            try:
+                self._watch_capacity()
+                if self.min_free:
+                    await self._keep_floor()
+            except Exception as e:  # the store's disk or database failing: say so, keep watching
+                if time.monotonic() - complained >= COMPLAIN_INTERVAL:
+                    complained = time.monotonic()
+                    logging.getLogger(__name__).error("cannot watch the disk under the store (%s); retrying", e)
 
     async def _keep_floor(self) -> None:
         self._probe()

@@ -319,9 +319,12 @@ class Mount:
         while True:
             # A tempfs mount is there; it is ours once it answers (a stale mount of a
             # killed daemon answers ENOTCONN, and mount ids are reused, so the id alone
-            # cannot tell the new mount from the stale one).
+            # cannot tell the new mount from the stale one). The daemon may detach the stale
+            # mount just before the probe, which then answers from the folder underneath: a
+            # tempfs mount must still be there after it.
             if is_tempfs_mounted(self.mnt) and (mount_ids(self.mnt) - before or
-                                               answers(self.mnt, deadline - time.monotonic())):
+                                               answers(self.mnt, deadline - time.monotonic())) \
+                    and is_tempfs_mounted(self.mnt):
                 return self
             rc = self.proc.poll()
             if rc is not None:

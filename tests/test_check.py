@@ -23,7 +23,8 @@ import trio
 from conftest import run_tempfs
 from tempfs.codec import MASTER_KEY_BYTES, ContentCodec
 from tempfs.layout import Kind
-from tempfs.store import Store, check
+from tempfs.names import MetadataCipher
+from tempfs.store import BlockReadError, Store, check
 from tempfs.store.check import CheckReport, check_store
 from tempfs.store.objects import ObjectFiles
 from tempfs.store.store import BLOCK_SIZE
@@ -83,6 +84,10 @@ class Built:
 
     def object_of(self, name: str, blockno: int) -> int:
         return self.sql("SELECT object FROM blocks WHERE inode=? AND blockno=?", (self.inodes[name], blockno))[0][0]
+
+    def stored_name(self, parent: int, name: bytes) -> bytes:
+        """A name as tempfs stores it in folder `parent` (encrypted)."""
+        return MetadataCipher(ContentCodec(self.key).metadata_key).name(parent, name)
 
     def object_path(self, object_id: int) -> Path:
         return ObjectFiles(self.path / "objects").path(object_id)
@@ -211,6 +216,15 @@ def test_missing_object_file_is_damage_naming_the_file(built):
     assert any(f"/{LEAF}/f (block 2)" in line for line in json.loads(again.stdout)["damaged"])
 
 
+def test_a_name_moved_to_another_folder_outside_tempfs_is_damage(built):
+    built.sql("UPDATE entries SET parent=? WHERE inode=?", (built.inodes["sub"], built.inodes["g"]))
+    result = built.fsck("--quick")
+    assert result.returncode == DAMAGED, text(result)
+    damaged = result.stdout.split("damaged:")[1]
+    assert f"inode {built.inodes['g']}" in damaged and "fails authentication" in damaged
+    assert built.sql("SELECT parent FROM entries WHERE inode=?", (built.inodes["g"],)) == [(built.inodes["sub"],)]
+
+
 def test_corrupted_object_is_damage_naming_every_file_using_it(built):
     shared = built.object_of("f", 0)
     assert built.object_of("g", 0) == shared  # deduplicated
@@ -294,34 +308,60 @@ def test_unreferenced_object_is_dropped(built):
     assert check_offline(built).clean
 
 
-def test_stored_size_and_digest_are_repaired(built):
+def test_stored_size_is_repaired(built):
     object_id = built.object_of("sub/h", 0)
-    built.sql("UPDATE objects SET stored_size = stored_size + 10, digest = zeroblob(32) WHERE id=?", (object_id,))
+    built.sql("UPDATE objects SET stored_size = stored_size + 10 WHERE id=?", (object_id,))
     report = check_offline(built)
     assert report.damaged == []
     joined = "\n".join(report.repaired)
-    assert "recorded size corrected" in joined and "wrong dedup digest" in joined
+    assert "recorded size corrected" in joined
     assert "accounting counters" not in joined  # they counted the size on disk all along
     assert check_offline(built).clean
+
+
+def test_an_edited_digest_is_damage_and_never_lets_a_write_deduplicate_onto_wrong_content(built):
+    object_id = built.object_of("sub/h", 0)
+    other = b"content that is not in the store yet " * 1000
+    built.sql("UPDATE objects SET digest=? WHERE id=?", (ContentCodec(built.key).digest(other), object_id))
     store = built.open()
-    try:  # the same content deduplicates against it again
-        g2 = store.make(built.inodes["folder"], b"h-again", FILE, UID, GID).id
-        run(store.write, g2, 0, built.data["sub/h"])
+    try:  # a write of `other` finds the edited digest and maps onto sub/h's object ...
+        victim = store.make(built.inodes["folder"], b"victim", FILE, UID, GID).id
+        run(store.write, victim, 0, other)
         run(store.sync)
-        assert store.db.one("SELECT object FROM blocks WHERE inode=?", (g2,))[0] == object_id
+        assert store.db.one("SELECT object FROM blocks WHERE inode=?", (victim,))[0] == object_id
+        with pytest.raises(BlockReadError):  # ... but reading it fails instead of showing sub/h's content
+            run(store.read, victim, 0, len(other))
     finally:
         store.close()
+    report = check_offline(built)
+    assert any(f"{object_id:016x}" in line and "/victim" in line for line in report.damaged), report.damaged
+
+
+def test_a_block_pointed_at_another_files_object_is_damage_and_never_read(built):
+    theirs = built.object_of("sub/h", 0)
+    built.sql("UPDATE objects SET refcount=refcount+1 WHERE id=?", (theirs,))
+    built.sql("UPDATE blocks SET object=? WHERE inode=? AND blockno=1", (theirs, built.inodes["f"]))
+    store = built.open()
+    try:
+        with pytest.raises(BlockReadError):
+            run(store.read, built.inodes["f"], BLOCK_SIZE, 100)
+        assert run(store.read, built.inodes["f"], 0, 100) == built.data["f"][:100]  # other blocks read
+    finally:
+        store.close()
+    report = check_offline(built)
+    assert any(f"/{LEAF}/f (block 1)" in line and "fails authentication" in line for line in report.damaged), \
+        report.damaged
 
 
 def test_tree_problems_are_repaired(built):
     folder, sub = built.inodes["folder"], built.inodes["sub"]
-    built.sql("INSERT INTO entries(parent, name, inode) VALUES (?, ?, 424242)", (folder, b"ghost"))
+    built.sql("INSERT INTO entries(parent, name, inode) VALUES (?, ?, 424242)", (folder, built.stored_name(folder, b"ghost")))
     built.sql("UPDATE inodes SET nlink=9 WHERE id=?", (folder,))
     built.sql("UPDATE inodes SET nlink=1 WHERE id=?", (built.inodes["sub/h"],))  # it has two names
     # a folder with a file in it that lost its own name: both are unreachable
     lost = built.sql("INSERT INTO inodes(mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns, area) "
                      "VALUES (?, 0, 0, 2, 0, 0, 0, 'processing') RETURNING id", (DIR,))[0][0]
-    built.sql("UPDATE entries SET parent=? WHERE inode=?", (lost, built.inodes["g"]))
+    built.sql("UPDATE entries SET parent=?, name=? WHERE inode=?", (lost, built.stored_name(lost, b"g"), built.inodes["g"]))
     g_objects = {built.object_of("g", 1)}
     result = built.fsck()
     assert result.returncode == REPAIRED, text(result)
@@ -347,7 +387,8 @@ def test_tree_problems_are_repaired(built):
 
 def test_no_repair_changes_nothing(built):
     built.sql("UPDATE objects SET refcount=3 WHERE id=?", (built.object_of("f", 1),))
-    built.sql("INSERT INTO entries(parent, name, inode) VALUES (?, ?, 424242)", (built.inodes["folder"], b"ghost"))
+    built.sql("INSERT INTO entries(parent, name, inode) VALUES (?, ?, 424242)",
+              (built.inodes["folder"], built.stored_name(built.inodes["folder"], b"ghost")))
     built.sql("UPDATE area_usage SET stored_bytes = 1")
     orphan = built.object_path(0x0777_0000_0000_0001)
     orphan.parent.mkdir(parents=True, exist_ok=True)
@@ -499,7 +540,7 @@ async def _deleter(store: Store, folder: int, model: dict[int, bytes], handed: l
         else:
             handed.pop(0)
             del model[ino]
-            name = store.db.one("SELECT name FROM entries WHERE inode=?", (ino,))[0]
+            name = store.names.plain_name(folder, store.db.one("SELECT name FROM entries WHERE inode=?", (ino,))[0])
             if store.unlink(folder, name, want_dir=False).nlink == 0:
                 store.remove_inode(ino)
 
@@ -532,8 +573,8 @@ def _delete(store: Store, ino: int) -> None:
     if store.db.one("SELECT 1 FROM inodes WHERE id=?", (ino,)) is None:
         return
     object_id = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=1", (ino,))[0]
-    name = store.db.one("SELECT name, parent FROM entries WHERE inode=?", (ino,))
-    store.unlink(name[1], name[0], want_dir=False)
+    stored, parent = store.db.one("SELECT name, parent FROM entries WHERE inode=?", (ino,))
+    store.unlink(parent, store.names.plain_name(parent, stored), want_dir=False)
     store.remove_inode(ino)
     store.commit_now()  # runs the after-commit work: the object file is gone
     assert not store.objects.path(object_id).exists()

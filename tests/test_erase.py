@@ -57,7 +57,7 @@ def test_erase_removes_every_match_durably_and_reports_it(mounted):
     assert objects == status["total"]["objects"]
     assert status["areas"]["cache"]["stored_bytes"] == 0
     assert f"user_session_{SESSION}".encode() not in store_bytes(mounted)
-    assert b"user_session_sess999" in store_bytes(mounted)  # (names are stored in plaintext, for now)
+    assert b"user_session_sess999" not in store_bytes(mounted)  # names are stored encrypted
 
 
 def test_erase_in_one_area_and_dry_run(mounted):

@@ -300,6 +300,8 @@ def test_background_mount_then_umount(make_mount):
         assert not is_tempfs_mounted(m.mnt)
         assert not any(pid_alive(p) for p in daemons), "daemon still running after umount"
         assert bg_log.exists()
+        for named_paths in (bg_log, bg_log.with_name("bg-events.jsonl")):  # for the owner only
+            assert named_paths.stat().st_mode & 0o077 == 0, named_paths
     finally:
         if any(mp == str(m.mnt) for mp, fs in mountinfo() if fs.startswith("fuse")):
             fusermount(m.mnt, lazy=True)

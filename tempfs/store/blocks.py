@@ -11,8 +11,10 @@ Guarantees:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+import sqlite3
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -65,6 +67,7 @@ class BlockStore:
         self._flush_wanted = trio.Event()  # stays set until the flusher takes it: no lost wake-up
         self._room_lot = trio.lowlevel.ParkingLot()
         self.in_flight: set[int] = set()  # object files being written, not yet in the object table
+        self.doomed: set[int] = set()     # object files whose row is gone, removed after the commit
         self.hits = self.misses = 0       # block reads answered from memory / from object files
 
     # ---- reading -------------------------------------------------------------------------
@@ -105,8 +108,8 @@ class BlockStore:
                     self.misses += 1
             if not wanted:
                 return [found[b] for b in blocknos]
-            keys = {oid: self._wrapped_key(oid) for oid in set(wanted.values())}
-            loaded = await trio.to_thread.run_sync(self._load_many, keys)
+            facts = {oid: self._sealing_facts(oid) for oid in set(wanted.values())}
+            loaded = await trio.to_thread.run_sync(self._load_many, facts)
             for blockno, object_id in wanted.items():
                 plain = loaded[object_id]
                 if isinstance(plain, Exception):
@@ -119,22 +122,27 @@ class BlockStore:
                 return [found[b] for b in blocknos]
         raise BlockReadError(inode, blocknos[0], "blocks keep changing under the reader")
 
-    def _mapped(self, inode: int, blockno: int) -> Optional[int]:
-        row = self.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=?", (inode, blockno))
-        return None if row is None else row[0]
+    def _mapped(self, inode: int, blockno: int, verify: bool = True) -> Optional[int]:
+        """The object a block is stored in (None: a hole); `verify` checks the entry's tag."""
+        row = self.db.one("SELECT object, tag FROM blocks WHERE inode=? AND blockno=?", (inode, blockno))
+        if row is None:
+            return None
+        if verify and row[1] != self.codec.block_tag(inode, blockno, row[0]):
+            raise BlockReadError(inode, blockno, f"the block map entry for object {row[0]:016x} fails authentication")
+        return row[0]
 
-    def _wrapped_key(self, object_id: int) -> Optional[bytes]:
-        row = self.db.one("SELECT wrapped_key FROM objects WHERE id=?", (object_id,))
-        return None if row is None else row[0]
+    def _sealing_facts(self, object_id: int) -> Optional[tuple[bytes, bytes]]:
+        """(wrapped key, digest) of an object, as the metadata records them."""
+        return self.db.one("SELECT wrapped_key, digest FROM objects WHERE id=?", (object_id,))
 
-    def _load_many(self, keys: dict[int, Optional[bytes]]) -> dict[int, bytes | Exception]:
-        return {object_id: self._load(object_id, wrapped_key) for object_id, wrapped_key in keys.items()}
+    def _load_many(self, facts: dict[int, Optional[tuple[bytes, bytes]]]) -> dict[int, bytes | Exception]:
+        return {object_id: self._load(object_id, known) for object_id, known in facts.items()}
 
-    def _load(self, object_id: int, wrapped_key: Optional[bytes]) -> bytes | Exception:
+    def _load(self, object_id: int, facts: Optional[tuple[bytes, bytes]]) -> bytes | Exception:
         try:
-            if wrapped_key is None:
+            if facts is None:
                 raise IntegrityError(f"object {object_id:016x} is not in the object table")
-            plain = self.codec.open(object_id, self.objects.read(object_id), wrapped_key)
+            plain = self.codec.open(object_id, self.objects.read(object_id), *facts)
             if len(plain) > self.block_size:
                 raise IntegrityError(f"object {object_id:016x} is larger than a block")
             return plain
@@ -196,7 +204,7 @@ class BlockStore:
     async def cut_tail(self, inode: int, size: int, tag: Optional[str] = None) -> None:
         """Makes sure the block holding byte `size` keeps nothing at or past it."""
         blockno, keep = divmod(size, self.block_size)
-        if keep == 0 or ((inode, blockno) not in self.dirty and self._mapped(inode, blockno) is None):
+        if keep == 0 or ((inode, blockno) not in self.dirty and self._mapped(inode, blockno, verify=False) is None):
             return
         block = await self._dirty_block(inode, blockno, False, tag)
         if len(block.data) > keep:
@@ -235,7 +243,7 @@ class BlockStore:
             due = [k for k, b in self.dirty.items() if pressure or now - b.since > FLUSH_AGE]
             try:
                 await self.flush_keys(due)
-            except OSError as e:  # e.g. the disk under the store is full: keep the data, retry
+            except (OSError, sqlite3.Error) as e:  # a full disk, a locked database: keep the data, retry
                 log.error("cannot store written data (%s); retrying in %.0f s", e, FLUSH_AGE)
                 await trio.sleep(FLUSH_AGE)
 
@@ -252,8 +260,9 @@ class BlockStore:
             await self.flush_keys(list(self.dirty))
 
     async def flush_keys(self, keys: list[tuple[int, int]]) -> None:
-        """Stores these dirty blocks. If the disk fails (ENOSPC, EIO) the blocks concerned stay
-        dirty and the first error is raised once every batch has run."""
+        """Stores these dirty blocks. If the disk fails (ENOSPC, EIO) or the database refuses
+        (locked by another process) the blocks concerned stay dirty and the first error is raised
+        once every batch has run."""
         failures: list[OSError] = []
         async with trio.open_nursery() as nursery:
             for i in range(0, len(keys), FLUSH_BATCH):
@@ -277,7 +286,7 @@ class BlockStore:
             try:
                 if claimed:
                     await self._seal_batch(claimed)
-            except OSError as e:
+            except (OSError, sqlite3.Error) as e:
                 failures.append(e)
             finally:
                 for claim in claimed:
@@ -298,15 +307,23 @@ class BlockStore:
         ids = {object_id for object_id, _ in new.values()}
         self.in_flight |= ids
         try:
-            written = await trio.to_thread.run_sync(self._seal_and_write_many, list(new.values()))
+            written = await trio.to_thread.run_sync(
+                self._seal_and_write_many, [(object_id, plain, digest) for digest, (object_id, plain) in new.items()])
         finally:
             self.in_flight -= ids
-        for digest, (object_id, plain), (stored_size, wrapped_key) in zip(new, new.values(), written):
-            if self._object_of(digest) is not None:  # a concurrent batch stored it first
-                self.objects.remove(object_id)
-                continue
-            self.db.execute("INSERT INTO objects(id, digest, refcount, plain_size, stored_size, wrapped_key) "
-                            "VALUES (?, ?, 0, ?, ?, ?)", (object_id, digest, len(plain), stored_size, wrapped_key))
+        try:
+            for digest, (object_id, plain), (stored_size, wrapped_key) in zip(new, new.values(), written):
+                if self._object_of(digest) is not None:  # a concurrent batch stored it first
+                    self.objects.remove(object_id)
+                    continue
+                self.db.execute("INSERT INTO objects(id, digest, refcount, plain_size, stored_size, wrapped_key) "
+                                "VALUES (?, ?, 0, ?, ?, ?)", (object_id, digest, len(plain), stored_size, wrapped_key))
+        except sqlite3.Error:  # e.g. another process holds the database: the blocks stay dirty
+            for object_id, _ in new.values():  # the files no row refers to go (else fsck's orphans)
+                with contextlib.suppress(sqlite3.Error):
+                    if self.db.one("SELECT 1 FROM objects WHERE id=?", (object_id,)) is None:
+                        self.objects.remove(object_id)
+            raise
         for claim in claimed:
             self._settle(claim)
         for object_id, _ in new.values():
@@ -331,15 +348,15 @@ class BlockStore:
         """The dedup digest of each block, None for an all-zero block (a hole)."""
         return [None if p.count(0) == len(p) else self.codec.digest(p) for p in plains]
 
-    def _seal_and_write_many(self, items: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes]]) -> list[tuple[int, bytes]]:
         out = []
         try:
-            for object_id, plain in items:
-                sealed, wrapped_key = self.codec.seal(object_id, plain)
+            for object_id, plain, digest in items:
+                sealed, wrapped_key = self.codec.seal(object_id, plain, digest)
                 self.objects.write(object_id, sealed)
                 out.append((len(sealed), wrapped_key))
         except OSError:
-            for object_id, _ in items[:len(out)]:  # nothing references them yet
+            for object_id, _, _ in items[:len(out)]:  # nothing references them yet
                 self.objects.remove(object_id)
             raise
         return out
@@ -350,13 +367,14 @@ class BlockStore:
 
     def _map(self, key: tuple[int, int], object_id: Optional[int]) -> None:
         """Points a block at an object (which already counts this reference), or makes it a hole."""
-        old = self._mapped(*key)
+        old = self._mapped(*key, verify=False)
         if object_id is None:
             self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", key)
         else:
             # an upsert, not INSERT OR REPLACE: REPLACE deletes without firing the accounting triggers
-            self.db.execute("INSERT INTO blocks(inode, blockno, object) VALUES (?, ?, ?) "
-                            "ON CONFLICT (inode, blockno) DO UPDATE SET object=excluded.object", (*key, object_id))
+            self.db.execute("INSERT INTO blocks(inode, blockno, object, tag) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT (inode, blockno) DO UPDATE SET object=excluded.object, tag=excluded.tag",
+                            (*key, object_id, self.codec.block_tag(*key, object_id)))
         if old is not None:
             self._decref(old)
 
@@ -370,7 +388,14 @@ class BlockStore:
             self.db.execute("DELETE FROM objects WHERE id=?", (object_id,))
             self.db.shred_after_commit()
             self._forget_object(object_id)
-            self.db.after_commit(lambda: self.objects.remove(object_id))
+            self.doomed.add(object_id)
+            self.db.after_commit(lambda: self._remove_doomed(object_id))
+
+    def _remove_doomed(self, object_id: int) -> None:
+        try:
+            self.objects.remove(object_id)
+        finally:
+            self.doomed.discard(object_id)
 
 
 @dataclass(eq=False)

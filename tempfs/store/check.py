@@ -48,7 +48,7 @@ from typing import Callable, Iterator, Optional
 import trio
 
 from ..codec import IntegrityError
-from .store import ROOT_INODE, Store
+from .store import DAMAGED_NAME, ROOT_INODE, Store
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,7 @@ class _Checker:
                           f"{_count(count, 'block')} {'uses' if count == 1 else 'use'} it",
                           "corrected", lambda o=object_id, c=count: self._set_refcount(o, c))
         self._blocks_of_missing_inodes(lo, hi)
+        self._unauthentic_blocks(lo, hi)
 
     def _set_refcount(self, object_id: int, count: int) -> None:
         self.db.execute("UPDATE objects SET refcount=? WHERE id=?", (count, object_id))
@@ -243,6 +244,16 @@ class _Checker:
             self._fix("blocks of missing inodes", f"block {blockno} of inode {ino}, which does not exist, "
                       f"uses object {object_id:016x}", "removed",
                       lambda i=ino, b=blockno, o=object_id: self._remove_block(i, b, o))
+
+    def _unauthentic_blocks(self, lo: int, hi: int) -> None:
+        """Block map entries edited outside tempfs (e.g. pointing a file at another's object):
+        damage, left as found, since the right object is unknowable."""
+        tag = self.store.blocks.codec.block_tag
+        for ino, blockno, object_id, stored in self.db.execute(
+                "SELECT inode, blockno, object, tag FROM blocks WHERE object BETWEEN ? AND ?", (lo, hi)).fetchall():
+            if stored != tag(ino, blockno, object_id):
+                self._damaged("unauthentic block map entries", f"{self._name(ino)} (block {blockno}): its entry "
+                              f"for object {object_id:016x} fails authentication")
 
     def _remove_block(self, ino: int, blockno: int, object_id: int) -> None:
         self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", (ino, blockno))
@@ -274,13 +285,15 @@ class _Checker:
 
     def _check_entry(self, entry_id: int, parent: int, name: bytes, ino: int,
                      mode: Optional[int], parent_mode: Optional[int]) -> None:
-        shown = name.decode(errors="replace")
+        shown = self.store.shown_name(parent, name)
         if parent_mode is None or parent_mode & _S_IFMT != _S_IFDIR:
             what = "does not exist" if parent_mode is None else "is not a folder"
             problem = f"the name {shown!r} of inode {ino} lies in inode {parent}, which {what}"
         elif mode is None:
             problem = f"{self.store.path_of(parent).rstrip('/')}/{shown} names inode {ino}, which does not exist"
         else:
+            if shown == DAMAGED_NAME:  # altered outside tempfs: which name it was is unknowable
+                self._damaged("names", f"a name of inode {ino} in {self.store.path_of(parent)} fails authentication")
             return
         self._fix("names", problem, "name removed",
                   lambda: self.db.execute("DELETE FROM entries WHERE id=?", (entry_id,)))
@@ -361,10 +374,10 @@ class _Checker:
     def _verify_batch(self, batch: list[tuple]) -> list[object]:
         """In a worker thread: (size on disk, plaintext digest) of each object, or the error."""
         out: list[object] = []
-        for object_id, wrapped_key, _size, _digest in batch:
+        for object_id, wrapped_key, _size, digest in batch:
             try:
                 sealed = self.store.objects.read(object_id)
-                plain = self.store.blocks.codec.open(object_id, sealed, wrapped_key)
+                plain = self.store.blocks.codec.open(object_id, sealed, wrapped_key, digest)
                 if len(plain) > self.store.blocks.block_size:
                     raise IntegrityError(f"holds {len(plain)} bytes, more than a block")
                 out.append((len(sealed), self.store.blocks.codec.digest(plain)))
@@ -495,13 +508,14 @@ class _Checker:
         # A file is written before its row is inserted (in flight meanwhile), and removed after
         # the commit that deletes its row: an id with a file, no row and not in flight is an
         # orphan, or a file that the coming commit's own work removes.
-        skip = self.store.blocks.in_flight | self._dropped
+        skip = self.store.blocks.in_flight | self.store.blocks.doomed | self._dropped
         orphans = await self._without_rows([o for o in files if o not in skip])
         if not orphans:
             return
         await self.store.commit()  # runs that work (ours; the daemon's committer may be at it too)
         await trio.sleep(ORPHAN_GRACE)
-        orphans = [o for o in await self._without_rows(orphans) if o not in self.store.blocks.in_flight]
+        busy = self.store.blocks.in_flight | self.store.blocks.doomed
+        orphans = [o for o in await self._without_rows(orphans) if o not in busy]
         paths = [self.store.objects.path(o) for o in orphans]
         count, size = await trio.to_thread.run_sync(_remove_files if self.repair else _existing_files, paths)
         if count and self.repair:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # An entry's deadline: its last change inside tempfs (ctime, which programs cannot set back)
 # plus its policy's max_age, or earlier if a program shortened it (user.tempfs.ttl).
@@ -32,7 +32,7 @@ CREATE TABLE inodes (
     atime_ns INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
     kind INTEGER NOT NULL DEFAULT 0,      -- layout.Kind
     area TEXT,                            -- top-level schema folder, NULL for the root
-    target BLOB,                          -- symlink target
+    target BLOB,                          -- symlink target (sealed: names.MetadataCipher)
     policy TEXT,                          -- the schema folder whose policy applies
     life_ns INTEGER,                      -- its max_age; NULL: no expiry by age
     ttl_deadline_ns INTEGER,              -- a deadline a program set (user.tempfs.ttl)
@@ -45,7 +45,7 @@ CREATE INDEX inodes_expires ON inodes(expires_ns) WHERE expires_ns IS NOT NULL;
 CREATE INDEX inodes_lru ON inodes(area, used_ns);
 CREATE TABLE entries (
     id INTEGER PRIMARY KEY AUTOINCREMENT, -- stable readdir offset
-    parent INTEGER NOT NULL, name BLOB NOT NULL, inode INTEGER NOT NULL,
+    parent INTEGER NOT NULL, name BLOB NOT NULL, inode INTEGER NOT NULL,  -- name: encrypted
     UNIQUE (parent, name)
 );
 CREATE INDEX entries_inode ON entries(inode);
@@ -55,6 +55,7 @@ CREATE TABLE objects (
 );
 CREATE TABLE blocks (
     inode INTEGER NOT NULL, blockno INTEGER NOT NULL, object INTEGER NOT NULL,
+    tag BLOB,                             -- codec.block_tag: the entry is authentic
     PRIMARY KEY (inode, blockno)
 ) WITHOUT ROWID;
 CREATE INDEX blocks_object ON blocks(object);
@@ -165,6 +166,7 @@ class Database:
         self.conn.execute("PRAGMA cache_size=-16384")  # 16 MiB page cache
         self._after_commit: list[Callable[[], None]] = []
         self._shred = False
+        self._checkpoint_blocked = False
 
     @property
     def is_new(self) -> bool:
@@ -176,8 +178,10 @@ class Database:
         self.conn.executescript("BEGIN;" + _SCHEMA + _ACCOUNTING)
         self.set_meta("schema_version", SCHEMA_VERSION)
 
-    def migrate(self) -> None:
-        """Brings a store written by an older tempfs up to SCHEMA_VERSION."""
+    def migrate(self, secure_metadata: Callable[[], None]) -> None:
+        """Brings a store written by an older tempfs up to SCHEMA_VERSION; `secure_metadata`
+        encrypts and authenticates what version 3 kept in plaintext (names, symlink targets,
+        xattrs) or unauthenticated (block map entries, dedup digests)."""
         version = self.get_meta("schema_version")
         if version == 1:  # expiry columns
             for column in ("policy TEXT", "life_ns INTEGER", "ttl_deadline_ns INTEGER"):
@@ -197,6 +201,13 @@ class Database:
             self._run_script(_ACCOUNTING)
             self.recount()
             self.set_meta("schema_version", 3)
+            self.commit()
+            version = 3
+        if version == 3:  # encrypted and authenticated metadata
+            self.conn.execute("BEGIN")
+            self.conn.execute("ALTER TABLE blocks ADD COLUMN tag BLOB")
+            secure_metadata()
+            self.set_meta("schema_version", 4)
             self.commit()
         elif version != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version!r} is newer than this tempfs ({SCHEMA_VERSION})")
@@ -240,7 +251,7 @@ class Database:
 
     @property
     def dirty(self) -> bool:
-        return self.conn.in_transaction or bool(self._after_commit)
+        return self.conn.in_transaction or bool(self._after_commit) or self._shred
 
     def commit(self, durable: bool = False) -> None:
         """Commits and runs the after-commit work at once."""
@@ -251,12 +262,21 @@ class Database:
         to run later, e.g. in a worker thread (it only touches files)."""
         self.conn.commit()
         if self._shred:
-            self._shred = False
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._shred = not self._checkpointed()
         if durable:
             self._fsync(Path(str(self.path) + "-wal"))
         hooks, self._after_commit = self._after_commit, []
         return lambda: _run_all(hooks)
+
+    def _checkpointed(self) -> bool:
+        """Copies the WAL into the main file and truncates it. Another process reading the
+        database (sqlite3, tempfs passwd) can block that: it is retried at the next commit."""
+        busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy and not self._checkpoint_blocked:  # said once, not at every retry
+            log.warning("the metadata log could not be checkpointed (another process reads the database): "
+                        "deleted keys and names stay in it until it can be; retrying every commit")
+        self._checkpoint_blocked = bool(busy)
+        return not busy
 
     @staticmethod
     def _fsync(path: Path) -> None:

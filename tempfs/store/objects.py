@@ -26,8 +26,14 @@ class ObjectFiles:
 
     def write(self, object_id: int, data: bytes) -> None:
         path = self.path(object_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:
+            # the objects folder and its shards are made as needed, the store folder never: if it
+            # is gone (removed while mounted) the write fails rather than start a stray store
+            for folder in (self.root, path.parent.parent, path.parent):
+                folder.mkdir(exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
             while view:

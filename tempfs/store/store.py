@@ -4,9 +4,11 @@ It knows POSIX semantics (errno, link counts, timestamps) but nothing of FUSE or
 layout's rules, which belong to the layer above. Every operation's metadata changes are made
 without an `await` in between, so a batched commit never catches half of one.
 
-Guarantees: the store holds no plaintext content (see codec); one daemon at a time (flock);
-a wrong key is detected before anything is read or written; `sync()` makes everything written
-so far durable.
+Guarantees: the store holds no plaintext content (see codec) and no plaintext name, symlink
+target or extended attribute (see names): callers pass and get plaintext, the database sees only
+ciphertext, and metadata that fails authentication raises `DamagedMetadata` instead of being
+shown; one daemon at a time (flock); a wrong key is detected before anything is read or written;
+`sync()` makes everything written so far durable.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from typing import Callable, Iterable, Optional
 
 import trio
 
-from ..codec import ContentCodec
+from ..codec import ContentCodec, IntegrityError
 from ..layout import Kind
+from ..names import MetadataCipher
 from .blocks import BlockStore
 from .db import Database
 from .objects import ObjectFiles
@@ -35,6 +38,8 @@ ROOT_INODE = 1
 BLOCK_SIZE = 128 * 1024
 COMMIT_INTERVAL = 1.0
 MAX_FILE_SIZE = 2**63 - 1
+UNCLEAN_MARK = "unclean"  # present while a daemon has the store open (see Store.__init__)
+DAMAGED_NAME = "<damaged name>"  # shown for a name that fails authentication
 
 
 class StoreError(Exception):
@@ -55,6 +60,15 @@ class StoreLockedError(StoreOpenError):
 
 class WrongKeyError(StoreOpenError):
     pass
+
+
+class DamagedMetadata(Exception):
+    """A name, symlink target or xattr of inode `inode` fails authentication: the store was
+    altered outside tempfs (or damaged)."""
+
+    def __init__(self, inode: int, what: str) -> None:
+        super().__init__(f"inode {inode}: {what} fails authentication")
+        self.inode, self.what = inode, what
 
 
 @dataclass(slots=True)
@@ -95,9 +109,10 @@ class Store:
         self.clock = clock
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = _lock(path / "lock")
+        self.names = MetadataCipher(codec.metadata_key)
         try:
             self.db = Database(path / "meta.sqlite")
-            self._check_key(codec)
+            self._open_database(codec)
         except sqlite3.DatabaseError as e:
             os.close(self._lock_fd)
             raise StoreOpenError(f"{path / 'meta.sqlite'}: the metadata database is unreadable ({e}); "
@@ -108,11 +123,26 @@ class Store:
         self.lifetimes: dict[str, Optional[int]] = {}
         self.objects = ObjectFiles(path / "objects")
         self.blocks = BlockStore(self.db, self.objects, codec, BLOCK_SIZE, dirty_limit, cache_limit)
-        self._purge_unlinked()
-        self.commit_now()
+        # STORE/unclean exists while the store is open and goes at a clean close(): found here,
+        # the last opener died (SIGKILL, power cut), so the daemon runs the quick check before
+        # serving; close() removes it only once that is done (the check clears needs_recovery).
+        self.needs_recovery = (path / UNCLEAN_MARK).exists()
+        try:
+            self._purge_unlinked()
+            self.commit_now()
+        except sqlite3.DatabaseError as e:  # damage past the pages read so far
+            self.db.conn.close()
+            os.close(self._lock_fd)
+            raise StoreOpenError(f"{path / 'meta.sqlite'}: the metadata database is damaged ({e}); keep a copy "
+                                 "of the store (sqlite3's .recover may salvage it), or move it away to start afresh") from None
+        _create_durably(path / UNCLEAN_MARK)
 
-    def _check_key(self, codec: ContentCodec) -> None:
+    def _open_database(self, codec: ContentCodec) -> None:
         if self.db.is_new:
+            if next((self.path / "objects").glob("??/??/*"), None) is not None:  # meta.sqlite lost or emptied
+                raise StoreOpenError(f"{self.path / 'meta.sqlite'}: the metadata database is missing or empty, but "
+                                     "the store holds object files: without it they cannot be read. Restore it, "
+                                     "or move the store away to start afresh")
             self.db.create_schema()  # one transaction with what follows: a crash leaves no half store
             self.db.set_meta("key_check", codec.key_check_value())
             now = self.clock()
@@ -123,11 +153,36 @@ class Store:
         elif self.db.get_meta("key_check") != codec.key_check_value():
             raise WrongKeyError(f"{self.path}: the key does not open this store (wrong key file?)")
         else:
-            self.db.migrate()
+            self.db.migrate(secure_metadata=lambda: self._secure_metadata(codec))
+
+    def _secure_metadata(self, codec: ContentCodec) -> None:
+        """Migration of a store written before names were encrypted and block map entries and
+        digests authenticated (schema version 3), inside its transaction."""
+        db, names = self.db, self.names
+        for ino, blockno, object_id in db.execute("SELECT inode, blockno, object FROM blocks").fetchall():
+            db.execute("UPDATE blocks SET tag=? WHERE inode=? AND blockno=?",
+                       (codec.block_tag(ino, blockno, object_id), ino, blockno))
+        for object_id, digest, wrapped in db.execute("SELECT id, digest, wrapped_key FROM objects").fetchall():
+            try:
+                db.execute("UPDATE objects SET wrapped_key=? WHERE id=?",
+                           (codec.bind_digest(object_id, digest, wrapped), object_id))
+            except IntegrityError:
+                log.error("object %016x: its key fails authentication; left as it is for tempfs fsck", object_id)
+        for entry_id, parent, name in db.execute("SELECT id, parent, name FROM entries").fetchall():
+            db.execute("UPDATE entries SET name=? WHERE id=?", (names.name(parent, name), entry_id))
+        for ino, target in db.execute("SELECT id, target FROM inodes WHERE target IS NOT NULL").fetchall():
+            db.execute("UPDATE inodes SET target=? WHERE id=?", (names.target(ino, target), ino))
+        for ino, name, value in db.execute("SELECT inode, name, value FROM xattrs").fetchall():
+            stored = names.xattr_name(ino, name)
+            db.execute("UPDATE xattrs SET name=?, value=? WHERE inode=? AND name=?",
+                       (stored, names.xattr_value(ino, stored, value), ino, name))
+        self.db.shred_after_commit()
 
     def close(self) -> None:
         self.objects.sync()
         self.db.close()
+        if not self.needs_recovery:
+            (self.path / UNCLEAN_MARK).unlink(missing_ok=True)
         os.close(self._lock_fd)
 
     # ---- transactions --------------------------------------------------------------------
@@ -167,16 +222,36 @@ class Store:
         row = self.db.one(f"SELECT {_INODE_COLUMNS} FROM inodes WHERE id=?", (ino,))
         if row is None:
             raise StoreError(errno.ENOENT)
-        return Inode(*row)
+        node = Inode(*row)
+        if node.target is not None:
+            try:
+                node.target = self.names.plain_target(ino, node.target)
+            except IntegrityError:
+                raise DamagedMetadata(ino, "the symlink target") from None
+        return node
 
     def lookup(self, parent: int, name: bytes) -> Optional[int]:
-        row = self.db.one("SELECT inode FROM entries WHERE parent=? AND name=?", (parent, name))
+        row = self.db.one("SELECT inode FROM entries WHERE parent=? AND name=?", (parent, self.names.name(parent, name)))
         return None if row is None else row[0]
 
     def children(self, parent: int, after: int = 0, limit: int = 1000) -> list[tuple[int, bytes, int]]:
         """(entry id, name, inode) of a folder's entries past readdir offset `after`."""
-        return self.db.execute("SELECT id, name, inode FROM entries WHERE parent=? AND id>? ORDER BY id LIMIT ?",
+        rows = self.db.execute("SELECT id, name, inode FROM entries WHERE parent=? AND id>? ORDER BY id LIMIT ?",
                                (parent, after, limit)).fetchall()
+        return [(entry_id, self._plain_name(parent, name, ino), ino) for entry_id, name, ino in rows]
+
+    def _plain_name(self, parent: int, stored: bytes, ino: int) -> bytes:
+        try:
+            return self.names.plain_name(parent, stored)
+        except IntegrityError:
+            raise DamagedMetadata(ino, "a name") from None
+
+    def shown_name(self, parent: int, stored: bytes) -> str:
+        """A stored name as text for messages, or a placeholder when it fails authentication."""
+        try:
+            return self.names.plain_name(parent, stored).decode(errors="replace")
+        except IntegrityError:
+            return DAMAGED_NAME
 
     def path_of(self, ino: int) -> str:
         """One path of an inode below the root, for messages."""
@@ -187,7 +262,7 @@ class Store:
                 parts.append("<unlinked>")
                 break
             ino = row[0]
-            parts.append(row[1].decode(errors="replace"))
+            parts.append(self.shown_name(row[0], row[1]))
         return "/" + "/".join(reversed(parts))
 
     def make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *,
@@ -200,13 +275,15 @@ class Store:
         is_dir = stat.S_ISDIR(mode)
         area = folder.area if folder.area is not None else name.decode(errors="surrogateescape")
         size = len(target) if target is not None else 0
-        cur = self.db.execute(
-            "INSERT INTO inodes(mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, target, "
-            "policy, life_ns, used_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (mode, uid, gid, size, 2 if is_dir else 1, rdev, now, now, now, kind, area, target,
-             folder.policy, self.lifetimes.get(folder.policy), now))
-        self._add_entry(parent, name, cur.lastrowid, now, dir_delta=int(is_dir))
-        return self.inode(cur.lastrowid)
+        ino = self.db.execute(
+            "INSERT INTO inodes(mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, "
+            "policy, life_ns, used_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (mode, uid, gid, size, 2 if is_dir else 1, rdev, now, now, now, kind, area,
+             folder.policy, self.lifetimes.get(folder.policy), now)).lastrowid
+        if target is not None:  # sealed to its inode, whose number exists only now
+            self.db.execute("UPDATE inodes SET target=? WHERE id=?", (self.names.target(ino, target), ino))
+        self._add_entry(parent, name, ino, now, dir_delta=int(is_dir))
+        return self.inode(ino)
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
         node = self.inode(ino)
@@ -260,7 +337,8 @@ class Store:
             self._remove_entry(new_parent, new_name, target, now)
             replaced = self.inode(target_ino)
         self.db.execute("UPDATE entries SET parent=?, name=? WHERE parent=? AND name=?",
-                        (new_parent, new_name, old_parent, old_name))
+                        (new_parent, self.names.name(new_parent, new_name), old_parent,
+                         self.names.name(old_parent, old_name)))
         self._moved(node, old_parent, new_parent, now)
         return replaced
 
@@ -270,8 +348,10 @@ class Store:
             raise StoreError(errno.ENOENT)
         target = self.inode(target_ino)
         now = self.clock()
-        self.db.execute("UPDATE entries SET inode=? WHERE parent=? AND name=?", (target_ino, old_parent, old_name))
-        self.db.execute("UPDATE entries SET inode=? WHERE parent=? AND name=?", (node.id, new_parent, new_name))
+        self.db.execute("UPDATE entries SET inode=? WHERE parent=? AND name=?",
+                        (target_ino, old_parent, self.names.name(old_parent, old_name)))
+        self.db.execute("UPDATE entries SET inode=? WHERE parent=? AND name=?",
+                        (node.id, new_parent, self.names.name(new_parent, new_name)))
         self._moved(node, old_parent, new_parent, now)
         self._moved(target, new_parent, old_parent, now)
         return None
@@ -307,14 +387,21 @@ class Store:
         return folder
 
     def _add_entry(self, parent: int, name: bytes, ino: int, now: int, dir_delta: int) -> None:
-        self.db.execute("INSERT INTO entries(parent, name, inode) VALUES (?, ?, ?)", (parent, name, ino))
+        self.db.execute("INSERT INTO entries(parent, name, inode) VALUES (?, ?, ?)",
+                        (parent, self.names.name(parent, name), ino))
         self._touch_folder(parent, now, dir_delta)
 
     def expire(self, ino: int) -> list[tuple[int, bytes]]:
         """Removes every name and the content of a closed entry whose deadline passed (or that
-        is evicted), as if deleted, and returns the (folder, name) pairs it had. The folders' own times and deadlines stay as they were:
-        an expiry is not a change a program made there."""
-        names = self.db.execute("SELECT parent, name FROM entries WHERE inode=?", (ino,)).fetchall()
+        is evicted), as if deleted, and returns the (folder, name) pairs it had (those that
+        still authenticate). The folders' own times and deadlines stay as they were: an expiry
+        is not a change a program made there."""
+        names = []
+        for parent, stored in self.db.execute("SELECT parent, name FROM entries WHERE inode=?", (ino,)).fetchall():
+            try:
+                names.append((parent, self.names.plain_name(parent, stored)))
+            except IntegrityError:
+                log.error("inode %d: a name in folder %d fails authentication; removed unseen", ino, parent)
         node = self.inode(ino)
         self.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
         self.discard_content(node)
@@ -369,7 +456,7 @@ class Store:
             self.db.execute("UPDATE inodes SET life_ns=? WHERE policy=? AND kind=?", (life, policy, Kind.FREE))
 
     def _remove_entry(self, parent: int, name: bytes, node: Inode, now: int) -> None:
-        self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, name))
+        self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, self.names.name(parent, name)))
         nlink = 0 if node.is_dir else node.nlink - 1
         self.db.execute("UPDATE inodes SET nlink=?, ctime_ns=? WHERE id=?", (nlink, now, node.id))
         self._touch_folder(parent, now, -int(node.is_dir))
@@ -400,21 +487,34 @@ class Store:
         self.db.execute(f"UPDATE inodes SET {assignments} WHERE id=?", (*fields.values(), ino))
 
     def get_xattr(self, ino: int, name: bytes) -> Optional[bytes]:
-        row = self.db.one("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, name))
-        return None if row is None else row[0]
+        stored = self.names.xattr_name(ino, name)
+        row = self.db.one("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, stored))
+        if row is None:
+            return None
+        try:
+            return self.names.plain_xattr_value(ino, stored, row[0])
+        except IntegrityError:
+            raise DamagedMetadata(ino, "an extended attribute") from None
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self.db.execute("INSERT OR REPLACE INTO xattrs(inode, name, value) VALUES (?, ?, ?)", (ino, name, value))
+        stored = self.names.xattr_name(ino, name)
+        self.db.execute("INSERT OR REPLACE INTO xattrs(inode, name, value) VALUES (?, ?, ?)",
+                        (ino, stored, self.names.xattr_value(ino, stored, value)))
         self.set_attrs(ino)
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
-        removed = self.db.execute("DELETE FROM xattrs WHERE inode=? AND name=?", (ino, name)).rowcount > 0
+        removed = self.db.execute("DELETE FROM xattrs WHERE inode=? AND name=?",
+                                  (ino, self.names.xattr_name(ino, name))).rowcount > 0
         if removed:
             self.set_attrs(ino)
         return removed
 
     def xattr_names(self, ino: int) -> list[bytes]:
-        return [r[0] for r in self.db.execute("SELECT name FROM xattrs WHERE inode=?", (ino,))]
+        try:
+            return [self.names.plain_xattr_name(ino, r[0])
+                    for r in self.db.execute("SELECT name FROM xattrs WHERE inode=?", (ino,))]
+        except IntegrityError:
+            raise DamagedMetadata(ino, "an extended attribute's name") from None
 
     # ---- content -------------------------------------------------------------------------
     async def read(self, ino: int, offset: int, size: int) -> bytes:
@@ -450,16 +550,16 @@ class Store:
     def usage(self) -> dict:
         """Per area: files, logical bytes, stored bytes (objects shared by areas count in each);
         total: stored bytes once per object, as on disk."""
-        areas = {name.decode(errors="surrogateescape"): {"files": 0, "logical_bytes": 0, "stored_bytes": 0}
+        areas = {self.shown_name(ROOT_INODE, name): {"files": 0, "logical_bytes": 0, "stored_bytes": 0}
                  for (name,) in self.db.execute("SELECT name FROM entries WHERE parent=?", (ROOT_INODE,))}
         for area, files, logical in self.db.execute(
-                "SELECT area, COUNT(*), COALESCE(SUM(size), 0) FROM inodes "
+                "SELECT area, COUNT(*), CAST(TOTAL(size) AS INTEGER) FROM inodes "
                 "WHERE kind=? AND area IS NOT NULL AND (mode & ?) != ? GROUP BY area",
                 (Kind.FREE, _S_IFMT, stat.S_IFDIR)):
             areas[area] = {"files": files, "logical_bytes": logical, "stored_bytes": 0}
         for area, stored in self.db.execute("SELECT area, stored_bytes FROM area_usage"):
             areas.setdefault(area, {"files": 0, "logical_bytes": 0, "stored_bytes": 0})["stored_bytes"] = stored
-        files, logical = self.db.one("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM inodes "
+        files, logical = self.db.one("SELECT COUNT(*), CAST(TOTAL(size) AS INTEGER) FROM inodes "
                                      "WHERE kind=? AND (mode & ?) != ?", (Kind.FREE, _S_IFMT, stat.S_IFDIR))
         total = {"files": files, "logical_bytes": logical, "stored_bytes": self.stored_bytes(),
                  "objects": self._total("objects")}
@@ -502,7 +602,7 @@ class Store:
             " UNION ALL"
             " SELECT e.inode, below.folder FROM below JOIN inodes d ON d.id = below.id AND d.kind = ?"
             "  JOIN entries e ON e.parent = below.id) "
-            "SELECT below.folder, COUNT(*), SUM(i.size), SUM(i.stored_bytes), min(i.ctime_ns), min(i.expires_ns) "
+            "SELECT below.folder, COUNT(*), CAST(TOTAL(i.size) AS INTEGER), SUM(i.stored_bytes), min(i.ctime_ns), min(i.expires_ns) "
             "FROM below JOIN inodes i ON i.id = below.id WHERE i.kind = ? AND (i.mode & ?) != ? GROUP BY below.folder",
             (Kind.FREE, ROOT_INODE, Kind.FREE, Kind.FREE, _S_IFMT, stat.S_IFDIR))
         for folder, files, logical, stored, oldest, deadline in rows.fetchall():
@@ -583,6 +683,16 @@ class Store:
 
 def _saved(referenced: int, unique: int, stored: int) -> dict[str, int]:
     return {"dedup_saved_bytes": referenced - unique, "compression_saved_bytes": unique - stored}
+
+
+def _create_durably(path: Path) -> None:
+    """Creates an empty file and makes its name survive a power cut."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _lock(path: Path) -> int:
