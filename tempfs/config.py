@@ -66,7 +66,7 @@ SEED_LEAVES: tuple[str, ...] = (
 )
 
 _HOUR = 3600.0
-_DEFAULT_DIRTY_LIMIT = 256 * MiB
+_DEFAULT_DIRTY_LIMIT = 128 * MiB
 _DEFAULT_CACHE_LIMIT = 64 * MiB
 _DEFAULT_MIN_FREE = 256 * MiB
 _DEFAULT_CHECK_INTERVAL = 7 * 24 * _HOUR  # the seed's weekly whole-tree cleanup

@@ -76,7 +76,7 @@ def test_default_tree_is_the_seed_tree_with_every_prefix() -> None:
 def test_default_policies_and_memory_are_the_seed_numbers() -> None:
     config = default_config()
     assert dict(config.policies) == SEED_POLICIES
-    assert config.dirty_limit == 256 * MiB
+    assert config.dirty_limit == 128 * MiB
     assert config.cache_limit == 64 * MiB
     assert config.source == "<defaults>"
 

@@ -1342,3 +1342,25 @@ def test_interrupted_creation_is_not_a_wrong_key(opener):
         assert not isinstance(e, WrongKeyError), str(e)
     else:
         assert store.inode(ROOT_INODE).is_dir
+
+
+def test_many_objects_are_made_durable_with_one_syncfs_and_a_failure_keeps_them_pending(tmp_path, monkeypatch):
+    from tempfs.store import objects as objects_module
+    files = objects_module.ObjectFiles(tmp_path / "objects")
+    for i in range(objects_module.SYNCFS_OVER + 4):
+        files.write(i + 1, b"sealed %d" % i)
+    calls = []
+
+    class FailingLibc:
+        def syncfs(self, fd):
+            calls.append(fd)
+            return -1
+    monkeypatch.setattr(objects_module, "_libc", FailingLibc())
+    monkeypatch.setattr(objects_module.ctypes, "get_errno", lambda: errno.EIO)
+    with pytest.raises(OSError) as e:
+        files.sync()
+    assert e.value.errno == errno.EIO and len(calls) == 1
+    assert len(files._unsynced) == objects_module.SYNCFS_OVER + 4  # noqa: SLF001 (tried again next time)
+    monkeypatch.undo()
+    files.sync()
+    assert not files._unsynced  # noqa: SLF001
