@@ -126,3 +126,31 @@ def test_a_block_pointed_at_another_files_object_gives_eio_never_the_other_conte
     assert e.value.errno == errno.EIO
     assert secret.read_bytes()[:4096] == b"S" * 4096
     assert any("victim.bin" in text for text in _alerts(m)), _alerts(m)
+
+
+def _objects(m) -> set:
+    return {p for p in (m.store / "objects").rglob("*") if p.is_file()}
+
+
+def test_an_old_object_replayed_over_the_current_one_gives_eio_never_the_old_content(make_mount):
+    m = make_mount()
+    path = m.path("sessions", "api_sessions", "token.bin")
+    old = os.urandom(4000)
+    with open(path, "wb") as f:
+        f.write(old)
+        f.flush()
+        os.fsync(f.fileno())
+    old_objects = _objects(m)
+    replayed = {p: p.read_bytes() for p in old_objects}
+    with open(path, "r+b") as f:  # the file's next version: a new object, the old one goes
+        f.write(os.urandom(4000))
+        f.flush()
+        os.fsync(f.fileno())
+    (current,) = _objects(m) - old_objects
+    assert m.stop()
+    current.write_bytes(next(iter(replayed.values())))  # an attacker puts the old version back
+    m.start()
+    with pytest.raises(OSError) as e:
+        path.read_bytes()
+    assert e.value.errno == errno.EIO
+    assert any("token.bin" in text for text in _alerts(m)), _alerts(m)
