@@ -9,6 +9,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Optional
 
 from .codec import MASTER_KEY_BYTES
 
@@ -29,18 +30,24 @@ def create_key_file(path: Path) -> bytes:
     return key
 
 
-def read_key_file(path: Path) -> bytes:
+def secret_file_problem(path: Path) -> Optional[str]:
+    """Why `path` cannot hold a secret (missing, not a regular file, readable by group or
+    others), or None: the one rule for key files and passphrase files."""
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise KeyFileError(f"{path}: key file not found") from None
+        return "not found"
     if not stat.S_ISREG(st.st_mode):
-        raise KeyFileError(f"{path}: key file is not a regular file")
+        return "not a regular file"
     if st.st_mode & 0o077:
-        raise KeyFileError(
-            f"{path}: key file is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"run: chmod 600 {path}"
-        )
+        return f"readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+    return None
+
+
+def read_key_file(path: Path) -> bytes:
+    problem = secret_file_problem(path)
+    if problem is not None:
+        raise KeyFileError(f"{path}: key file {problem}")
     text = path.read_text(errors="replace").strip()
     try:
         key = bytes.fromhex(text)

@@ -23,7 +23,6 @@ import base64
 import binascii
 import json
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from .codec import MASTER_KEY_BYTES
+from .keys import secret_file_problem
 
 SLOT_NAME = "keyslot.json"
 ENV_PASSPHRASE = "TEMPFS_PASSPHRASE"
@@ -111,15 +111,9 @@ def find_new_passphrase(file: Optional[Path], environ: Mapping[str, str] = os.en
 
 def read_passphrase_file(path: Path, option: str) -> Passphrase:
     """A passphrase file: a regular file that neither group nor others can read (as a key file)."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise KeySlotError(f"{option} {path}: file not found") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise KeySlotError(f"{option} {path}: not a regular file")
-    if st.st_mode & 0o077:
-        raise KeySlotError(f"{option} {path}: readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                           f"run: chmod 600 {path}")
+    problem = secret_file_problem(path)
+    if problem is not None:
+        raise KeySlotError(f"{option} {path}: {problem}")
     return _passphrase(_read_bounded(path), f"{option} {path}")
 
 
