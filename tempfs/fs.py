@@ -210,9 +210,13 @@ class TempFS(pyfuse3.Operations):
             raise self._refuse(reason, ctx, self._child_path(parent, name))
         return folder
 
-    def _check_schema(self, node: Inode, action: str, ctx, path: str) -> None:
+    def _check_schema(self, node: Inode, action: str, ctx, parent: Optional[int] = None,
+                      name: bytes = b"") -> None:
+        """Refuses `action` on a schema folder; the path (named `name` in `parent`, else any
+        path of the node) is looked up only for the refusal's log line, off the common path."""
         reason = layout.schema_refusal(node.kind, action)
         if reason:
+            path = self._child_path(parent, name) if parent is not None else self.store.path_of(node.id)
             raise self._refuse(reason, ctx, path)
 
     def _release_if_unused(self, ino: int) -> None:
@@ -314,7 +318,7 @@ class TempFS(pyfuse3.Operations):
         await self._remove(parent_inode, name, ctx, want_dir=True)
 
     async def _remove(self, parent: int, name: bytes, ctx, want_dir: bool) -> None:
-        self._check_schema(self._named(parent, name), "removed", ctx, self._child_path(parent, name))
+        self._check_schema(self._named(parent, name), "removed", ctx, parent, name)
         node = self.store.unlink(parent, name, want_dir=want_dir)
         self.monitor.count("deletes")
         self._release_if_unused(node.id)
@@ -324,12 +328,11 @@ class TempFS(pyfuse3.Operations):
         if len(name_new) > NAME_MAX:
             raise FUSEError(errno.ENAMETOOLONG)
         node = self._named(parent_inode_old, name_old)
-        old_path = self._child_path(parent_inode_old, name_old)
-        self._check_schema(node, "renamed", ctx, old_path)
+        self._check_schema(node, "renamed", ctx, parent_inode_old, name_old)
         self._clear_expired(parent_inode_new, name_new)
         target_ino = self.store.lookup(parent_inode_new, name_new)
         if target_ino is not None:
-            self._check_schema(self.store.inode(target_ino), "replaced", ctx, self._child_path(parent_inode_new, name_new))
+            self._check_schema(self.store.inode(target_ino), "replaced", ctx, parent_inode_new, name_new)
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
         if parent_inode_new != parent_inode_old or exchange:
             self._check_create(parent_inode_new, name_new, node.is_dir, ctx)
@@ -355,13 +358,13 @@ class TempFS(pyfuse3.Operations):
         node = self.store.inode(inode)
         changes: dict[str, int] = {}
         if fields.update_mode:
-            self._check_schema(node, "re-moded", ctx, self.store.path_of(inode))
+            self._check_schema(node, "re-moded", ctx)
             changes["mode"] = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
         if fields.update_uid and attr.st_uid != node.uid:
-            self._check_schema(node, "re-owned", ctx, self.store.path_of(inode))
+            self._check_schema(node, "re-owned", ctx)
             changes["uid"] = attr.st_uid
         if fields.update_gid and attr.st_gid != node.gid:
-            self._check_schema(node, "re-owned", ctx, self.store.path_of(inode))
+            self._check_schema(node, "re-owned", ctx)
             changes["gid"] = attr.st_gid
         if fields.update_atime:
             changes["atime_ns"] = attr.st_atime_ns
@@ -389,8 +392,10 @@ class TempFS(pyfuse3.Operations):
             return self._deadline_text(self.store.inode(inode), remaining=(name == TTL_XATTR))
         if name.startswith(XATTR_PREFIX):
             value = self._facts(self.store.inode(inode)).get(name)
-        else:
+        elif name.startswith(b"user."):
             value = self.store.get_xattr(inode, name)
+        else:  # only user.* can be set (setxattr); the kernel asks security.capability at every write
+            value = None
         if value is None:
             raise FUSEError(pyfuse3.ENOATTR)
         return value
@@ -403,7 +408,7 @@ class TempFS(pyfuse3.Operations):
         return iso_utc(node.expires_ns, millis=True).encode()
 
     def _set_ttl(self, node: Inode, value: bytes, ctx) -> None:
-        self._check_schema(node, "given a ttl (they never expire)", ctx, self.store.path_of(node.id))
+        self._check_schema(node, "given a ttl (they never expire)", ctx)
         try:
             seconds = float(value.decode().strip())
         except (UnicodeDecodeError, ValueError):
@@ -495,7 +500,9 @@ class TempFS(pyfuse3.Operations):
             await self.store.truncate(inode, 0)  # even of an empty file: mtime and ctime change
         self._opens[inode] += 1
         self.store.touch_used(inode)
-        return pyfuse3.FileInfo(fh=inode)
+        # content changes only through this mount (tempfs is the only writer, and an inode number
+        # is never reused), so the kernel's page cache stays valid from one open to the next
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_errors
     async def read(self, fh, off, size):
@@ -528,7 +535,9 @@ class TempFS(pyfuse3.Operations):
         return done
 
     async def flush(self, fh):
-        pass
+        # close(2) has nothing to wait for here (data is stored by the flusher, or by fsync):
+        # ENOSYS tells the kernel so, and it stops sending a request at every close
+        raise FUSEError(errno.ENOSYS)
 
     @_errors
     async def fsync(self, fh, datasync):

@@ -135,7 +135,7 @@ def _objects(m) -> set:
 def test_an_old_object_replayed_over_the_current_one_gives_eio_never_the_old_content(make_mount):
     m = make_mount()
     path = m.path("sessions", "api_sessions", "token.bin")
-    old = os.urandom(4000)
+    old = os.urandom(40_000)  # too large to be kept inline: an object file (inline: test_store)
     with open(path, "wb") as f:
         f.write(old)
         f.flush()
@@ -143,7 +143,7 @@ def test_an_old_object_replayed_over_the_current_one_gives_eio_never_the_old_con
     old_objects = _objects(m)
     replayed = {p: p.read_bytes() for p in old_objects}
     with open(path, "r+b") as f:  # the file's next version: a new object, the old one goes
-        f.write(os.urandom(4000))
+        f.write(os.urandom(40_000))
         f.flush()
         os.fsync(f.fileno())
     (current,) = _objects(m) - old_objects

@@ -19,6 +19,7 @@ from tempfs.codec import MASTER_KEY_BYTES, ContentCodec, IntegrityError
 from tempfs.layout import Kind
 from tempfs.store import (ROOT_INODE, BlockReadError, DamagedMetadata, Store, StoreError, StoreLockedError,
                           StoreOpenError, WrongKeyError)
+from tempfs.store.db import SCHEMA_VERSION
 from tempfs.store.store import BLOCK_SIZE, MAX_FILE_SIZE
 
 KiB = 1024
@@ -73,9 +74,9 @@ class Opener:
         self.path = tmp_path / "store"
         self.open_stores: list[Store] = []
 
-    def __call__(self, path=None, key=None, *, dirty_limit=BIG, cache_limit=BIG, clock=None) -> Store:
+    def __call__(self, path=None, key=None, *, dirty_limit=BIG, cache_limit=BIG, clock=None, **options) -> Store:
         store = Store(path or self.path, ContentCodec(key or self.key), dirty_limit=dirty_limit,
-                      cache_limit=cache_limit, clock=clock or self.clock)
+                      cache_limit=cache_limit, clock=clock or self.clock, **options)
         self.open_stores.append(store)
         return store
 
@@ -736,7 +737,77 @@ async def test_compressible_content_stores_smaller(store):
     assert total["logical_bytes"] == MiB
     assert total["stored_bytes"] < MiB // 4
     on_disk = sum(p.stat().st_size for p in (store.path / "objects").rglob("*") if p.is_file())
-    assert on_disk == total["stored_bytes"]
+    inline = store.db.one("SELECT coalesce(SUM(length(data)), 0) FROM objects")[0]
+    assert inline > 0  # compressed blocks are small enough to live in the metadata
+    assert on_disk + inline == total["stored_bytes"]
+
+
+@trio_test
+async def test_small_objects_live_in_the_metadata_and_go_with_their_rows(opener):
+    store = opener()
+    folder = leaf(store)
+    small = new_file(store, folder, b"session.json")
+    data = random.Random(3).randbytes(3000)
+    await store.write(small, 0, data)
+    big = new_file(store, folder, b"frame.raw")
+    frame = random.Random(4).randbytes(BLOCK_SIZE + 100)  # a whole block in a file, its tail inline
+    await store.write(big, 0, frame)
+    await store.sync()
+    inline = {oid for (oid,) in store.db.execute("SELECT id FROM objects WHERE data IS NOT NULL")}
+    assert len(inline) == 2 and len(object_files(store)) == 1
+    assert object_files(store) == object_ids(store) - inline
+    opener.close(store)
+    store = opener()
+    assert await store.read(small, 0, 4096) == data
+    assert await store.read(big, 0, 2 * BLOCK_SIZE) == frame
+    store.remove_inode(store.unlink(folder, b"session.json", want_dir=False).id)
+    store.remove_inode(store.unlink(folder, b"frame.raw", want_dir=False).id)
+    await store.sync()
+    assert objects_rows(store) == 0 and object_files(store) == set()
+    assert store.usage()["total"]["stored_bytes"] == 0
+
+
+@trio_test
+async def test_an_altered_inline_object_reads_as_an_error(opener):
+    store = opener()
+    f = new_file(store, leaf(store), b"small")
+    await store.write(f, 0, b"tiny content" * 10)
+    await store.sync()
+    (oid, sealed), = store.db.execute("SELECT id, data FROM objects").fetchall()
+    flipped = bytes([sealed[0] ^ 1]) + sealed[1:]
+    store.db.execute("UPDATE objects SET data=? WHERE id=?", (flipped, oid))
+    store.commit_now()
+    opener.close(store)
+    store = opener()
+    with pytest.raises(BlockReadError):
+        await store.read(f, 0, 100)
+
+
+def test_a_version_4_store_keeps_its_object_files_and_stores_small_objects_inline(opener):
+    """Schema 5 adds objects.data: a store written before keeps reading from its files."""
+    async def write_then_downgrade():
+        store = opener(inline_max=0)  # as schema 4 stored everything
+        f = new_file(store, leaf(store), b"old")
+        await store.write(f, 0, b"before" * 100)
+        await store.sync()
+        store.db.execute("ALTER TABLE objects DROP COLUMN data")
+        store.db.set_meta("schema_version", 4)
+        store.commit_now()
+        opener.close(store)
+        return f
+
+    f = run(write_then_downgrade)
+
+    async def after():
+        store = opener()
+        assert store.db.get_meta("schema_version") == SCHEMA_VERSION
+        assert await store.read(f, 0, 600) == b"before" * 100
+        g = new_file(store, leaf(store), b"new")
+        await store.write(g, 0, b"after" * 100)
+        await store.sync()
+        assert store.db.one("SELECT COUNT(*) FROM objects WHERE data IS NOT NULL")[0] == 1
+        assert len(object_files(store)) == 1
+    run(after)
 
 
 @trio_test
@@ -788,8 +859,8 @@ async def test_deleted_content_cannot_be_decrypted_even_from_reinstated_copies(o
     victim = new_file(store, folder, b"face.jpg")
     await store.write(victim, 0, MARKER + random.Random(9).randbytes(2 * BLOCK_SIZE))
     await store.sync()
-    stolen = {oid: store.objects.path(oid).read_bytes()
-              for (oid,) in store.db.execute("SELECT object FROM blocks WHERE inode=?", (victim,))}
+    stolen = {oid: store.blocks.sealed(oid, inline) for oid, inline in store.db.execute(
+        "SELECT o.id, o.data FROM blocks b JOIN objects o ON o.id = b.object WHERE b.inode=?", (victim,))}
     digests = {oid: store.db.one("SELECT digest FROM objects WHERE id=?", (oid,))[0] for oid in stolen}
     assert len(stolen) == 3
     store.unlink(folder, b"face.jpg", want_dir=False)
@@ -1143,7 +1214,7 @@ async def test_a_version_2_store_is_migrated_with_its_counters(opener):
     store.close()
 
     migrated = opener()
-    assert migrated.db.get_meta("schema_version") == 4
+    assert migrated.db.get_meta("schema_version") == SCHEMA_VERSION
     assert _counters(migrated) == expected
     assert migrated.least_recently_used("cache", 10) != []
     assert sorted(name for _, name, _ in migrated.children(folder)) == [b"f0", b"f1", b"f2"]
@@ -1186,7 +1257,7 @@ async def test_a_version_3_store_gets_its_names_targets_and_xattrs_encrypted(ope
     assert b"MARKER42" in _store_bytes(tmp_path / "store")  # the old, plaintext store
 
     migrated = opener()
-    assert migrated.db.get_meta("schema_version") == 4
+    assert migrated.db.get_meta("schema_version") == SCHEMA_VERSION
     assert migrated.lookup(folder, b"user_session_MARKER42.json") == f
     assert migrated.get_xattr(f, b"user.owner") == b"MARKER43 person"
     assert migrated.inode(migrated.lookup(folder, b"link")).target == b"/MARKER44/target"

@@ -6,6 +6,9 @@ Guarantees:
 - A block's bytes never extend past its file's size, so growing a file shows zeros.
 - An object is written before the metadata that references it, and its file is removed only
   after the commit that drops its last reference.
+- A small sealed object (at most `inline_max` bytes: small files, file tails) is kept in its
+  metadata row instead of a file of its own, so it is stored, made durable and removed with the
+  commit that references it: a small file costs no object file, no folder, no fsync of its own.
 - Dirty data is bounded by `dirty_limit`: a writer that would pass it waits for the flusher.
 - Sealing, hashing and disk I/O run in worker threads; the trio thread only touches SQLite.
 """
@@ -24,13 +27,14 @@ import trio
 
 from ..codec import ContentCodec, IntegrityError
 from .db import Database
-from .objects import ObjectFiles
+from .objects import MAX_OBJECT_BYTES, ObjectFiles
 
 log = logging.getLogger(__name__)
 
 FLUSH_AGE = 2.0          # seconds a block may stay dirty when there is no pressure
 FLUSH_PARALLELISM = 3    # batches sealed at once (2 cores, plus disk waits)
 FLUSH_BATCH = 8          # blocks per trip to a worker thread: a trip costs ~0.2 ms
+INLINE_MAX = 16 * 1024   # sealed objects up to this size live in the metadata, not in files
 
 
 class BlockReadError(Exception):
@@ -52,9 +56,10 @@ class DirtyBlock:
 
 class BlockStore:
     def __init__(self, db: Database, objects: ObjectFiles, codec: ContentCodec,
-                 block_size: int, dirty_limit: int, cache_limit: int) -> None:
+                 block_size: int, dirty_limit: int, cache_limit: int, inline_max: int = INLINE_MAX) -> None:
         self.db, self.objects, self.codec = db, objects, codec
         self.block_size = block_size
+        self.inline_max = inline_max
         self.dirty_limit = max(dirty_limit, 4 * block_size)
         self.cache_limit = cache_limit
         self.dirty: dict[tuple[int, int], DirtyBlock] = {}
@@ -131,23 +136,32 @@ class BlockStore:
             raise BlockReadError(inode, blockno, f"the block map entry for object {row[0]:016x} fails authentication")
         return row[0]
 
-    def _sealing_facts(self, object_id: int) -> Optional[tuple[bytes, bytes]]:
-        """(wrapped key, digest) of an object, as the metadata records them."""
-        return self.db.one("SELECT wrapped_key, digest FROM objects WHERE id=?", (object_id,))
+    def _sealing_facts(self, object_id: int) -> Optional[tuple[bytes, bytes, Optional[bytes]]]:
+        """(wrapped key, digest, sealed bytes if inline) of an object, as the metadata records them."""
+        return self.db.one("SELECT wrapped_key, digest, data FROM objects WHERE id=?", (object_id,))
 
-    def _load_many(self, facts: dict[int, Optional[tuple[bytes, bytes]]]) -> dict[int, bytes | Exception]:
+    def _load_many(self, facts: dict[int, Optional[tuple]]) -> dict[int, bytes | Exception]:
         return {object_id: self._load(object_id, known) for object_id, known in facts.items()}
 
-    def _load(self, object_id: int, facts: Optional[tuple[bytes, bytes]]) -> bytes | Exception:
+    def _load(self, object_id: int, facts: Optional[tuple[bytes, bytes, Optional[bytes]]]) -> bytes | Exception:
         try:
             if facts is None:
                 raise IntegrityError(f"object {object_id:016x} is not in the object table")
-            plain = self.codec.open(object_id, self.objects.read(object_id), *facts)
+            wrapped_key, digest, inline = facts
+            plain = self.codec.open(object_id, self.sealed(object_id, inline), wrapped_key, digest)
             if len(plain) > self.block_size:
                 raise IntegrityError(f"object {object_id:016x} is larger than a block")
             return plain
         except (OSError, IntegrityError) as e:
             return e
+
+    def sealed(self, object_id: int, inline: Optional[bytes]) -> bytes:
+        """An object's sealed bytes: its row's (`inline`) or its file's. Runs in worker threads."""
+        if inline is None:
+            return self.objects.read(object_id)
+        if len(inline) > MAX_OBJECT_BYTES:
+            raise IntegrityError(f"object {object_id:016x} is larger than any object tempfs writes")
+        return bytes(inline)
 
     def _remember(self, object_id: int, plain: bytes) -> None:
         if object_id in self._clean:
@@ -312,12 +326,13 @@ class BlockStore:
         finally:
             self.in_flight -= ids
         try:
-            for digest, (object_id, plain), (stored_size, wrapped_key) in zip(new, new.values(), written):
+            for digest, (object_id, plain), (stored_size, wrapped_key, inline) in zip(new, new.values(), written):
                 if self._object_of(digest) is not None:  # a concurrent batch stored it first
                     self.objects.remove(object_id)
                     continue
-                self.db.execute("INSERT INTO objects(id, digest, refcount, plain_size, stored_size, wrapped_key) "
-                                "VALUES (?, ?, 0, ?, ?, ?)", (object_id, digest, len(plain), stored_size, wrapped_key))
+                self.db.execute("INSERT INTO objects(id, digest, refcount, plain_size, stored_size, wrapped_key, data) "
+                                "VALUES (?, ?, 0, ?, ?, ?, ?)",
+                                (object_id, digest, len(plain), stored_size, wrapped_key, inline))
         except sqlite3.Error:  # e.g. another process holds the database: the blocks stay dirty
             for object_id, _ in new.values():  # the files no row refers to go (else fsck's orphans)
                 with contextlib.suppress(sqlite3.Error):
@@ -348,13 +363,17 @@ class BlockStore:
         """The dedup digest of each block, None for an all-zero block (a hole)."""
         return [None if p.count(0) == len(p) else self.codec.digest(p) for p in plains]
 
-    def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes]]) -> list[tuple[int, bytes]]:
+    def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes]]) -> list[tuple[int, bytes, Optional[bytes]]]:
+        """(stored size, wrapped key, sealed bytes if kept inline) of each object; the others
+        are written to their files."""
         out = []
         try:
             for object_id, plain, digest in items:
                 sealed, wrapped_key = self.codec.seal(object_id, plain, digest)
-                self.objects.write(object_id, sealed)
-                out.append((len(sealed), wrapped_key))
+                inline = sealed if len(sealed) <= self.inline_max else None
+                if inline is None:
+                    self.objects.write(object_id, sealed)
+                out.append((len(sealed), wrapped_key, inline))
         except OSError:
             for object_id, _, _ in items[:len(out)]:  # nothing references them yet
                 self.objects.remove(object_id)
@@ -383,13 +402,14 @@ class BlockStore:
         self._drop_if_unreferenced(object_id)
 
     def _drop_if_unreferenced(self, object_id: int) -> None:
-        row = self.db.one("SELECT refcount FROM objects WHERE id=?", (object_id,))
+        row = self.db.one("SELECT refcount, data IS NOT NULL FROM objects WHERE id=?", (object_id,))
         if row is not None and row[0] <= 0:
             self.db.execute("DELETE FROM objects WHERE id=?", (object_id,))
             self.db.shred_after_commit()
             self._forget_object(object_id)
-            self.doomed.add(object_id)
-            self.db.after_commit(lambda: self._remove_doomed(object_id))
+            if not row[1]:  # an inline object goes with its row
+                self.doomed.add(object_id)
+                self.db.after_commit(lambda: self._remove_doomed(object_id))
 
     def _remove_doomed(self, object_id: int) -> None:
         try:

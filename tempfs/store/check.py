@@ -9,8 +9,9 @@ What it checks, and repairs when asked (`repair=True`):
 - names refer to existing inodes in existing folders; an inode with a link count but no name
   (unreachable) is removed; link counts agree with the names (a file: its names; a folder:
   2 + its subfolders);
-- every object file exists, authenticates (`ContentCodec.open`), holds at most one block, and
-  matches its recorded size and dedup digest (`verify_content=False` only checks it exists);
+- every object (its file, or its row if inline) exists, authenticates (`ContentCodec.open`),
+  holds at most one block, and matches its recorded size and dedup digest
+  (`verify_content=False` only checks it exists and its size);
 - the accounting counters (inodes.stored_bytes, area_objects, area_usage, totals) agree with
   the block map; if not, they are recomputed (`Database.recount`);
 - object files that no row refers to (left by a crash between writing an object and committing
@@ -356,7 +357,7 @@ class _Checker:
     async def _check_content(self, files: dict[int, int]) -> None:
         total, done, start = self._object_count(), 0, MIN_ID
         while start is not None:
-            batch = self.db.execute("SELECT id, wrapped_key, stored_size, digest FROM objects WHERE id >= ? "
+            batch = self.db.execute("SELECT id, wrapped_key, stored_size, digest, data FROM objects WHERE id >= ? "
                                     "ORDER BY id LIMIT ?", (start, VERIFY_BATCH)).fetchall()
             if not batch:
                 return
@@ -374,9 +375,9 @@ class _Checker:
     def _verify_batch(self, batch: list[tuple]) -> list[object]:
         """In a worker thread: (size on disk, plaintext digest) of each object, or the error."""
         out: list[object] = []
-        for object_id, wrapped_key, _size, digest in batch:
+        for object_id, wrapped_key, _size, digest, inline in batch:
             try:
-                sealed = self.store.objects.read(object_id)
+                sealed = self.store.blocks.sealed(object_id, inline)
                 plain = self.store.blocks.codec.open(object_id, sealed, wrapped_key, digest)
                 if len(plain) > self.store.blocks.block_size:
                     raise IntegrityError(f"holds {len(plain)} bytes, more than a block")
@@ -388,8 +389,11 @@ class _Checker:
     def _sizes_on_disk(self, batch: list[tuple], files: dict[int, int]) -> list[object]:
         """In a worker thread (quick check): each object's file size, or the error."""
         out: list[object] = []
-        for object_id, *_ in batch:
+        for object_id, *_, inline in batch:
             try:
+                if inline is not None:
+                    out.append((len(inline), None))
+                    continue
                 out.append((files[object_id] if object_id in files else
                             os.stat(self.store.objects.path(object_id)).st_size, None))
             except OSError as e:
@@ -397,7 +401,7 @@ class _Checker:
         return out
 
     def _judge(self, row: tuple, result: object) -> None:
-        object_id, wrapped_key, stored_size, digest = row
+        object_id, wrapped_key, stored_size, digest, _inline = row
         if self.db.one("SELECT 1 FROM objects WHERE id=? AND wrapped_key=?", (object_id, wrapped_key)) is None:
             return  # dropped while we read it
         self.report.objects_checked += 1

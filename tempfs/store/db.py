@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # An entry's deadline: its last change inside tempfs (ctime, which programs cannot set back)
 # plus its policy's max_age, or earlier if a program shortened it (user.tempfs.ttl).
@@ -51,7 +51,8 @@ CREATE TABLE entries (
 CREATE INDEX entries_inode ON entries(inode);
 CREATE TABLE objects (
     id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, refcount INTEGER NOT NULL,
-    plain_size INTEGER NOT NULL, stored_size INTEGER NOT NULL, wrapped_key BLOB NOT NULL
+    plain_size INTEGER NOT NULL, stored_size INTEGER NOT NULL, wrapped_key BLOB NOT NULL,
+    data BLOB                             -- the sealed object if small (inline), else NULL: in its file
 );
 CREATE TABLE blocks (
     inode INTEGER NOT NULL, blockno INTEGER NOT NULL, object INTEGER NOT NULL,
@@ -208,6 +209,13 @@ class Database:
             self.conn.execute("ALTER TABLE blocks ADD COLUMN tag BLOB")
             secure_metadata()
             self.set_meta("schema_version", 4)
+            self.commit()
+            version = 4
+        if version == 4:  # small objects inline
+            self.conn.execute("BEGIN")
+            if "data" not in {row[1] for row in self.conn.execute("PRAGMA table_info(objects)")}:
+                self.conn.execute("ALTER TABLE objects ADD COLUMN data BLOB")
+            self.set_meta("schema_version", 5)
             self.commit()
         elif version != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version!r} is newer than this tempfs ({SCHEMA_VERSION})")

@@ -28,7 +28,7 @@ import trio
 from ..codec import ContentCodec, IntegrityError
 from ..layout import Kind
 from ..names import MetadataCipher
-from .blocks import BlockStore
+from .blocks import INLINE_MAX, BlockStore
 from .db import Database
 from .objects import ObjectFiles
 
@@ -103,7 +103,7 @@ _SETTABLE = {"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns"}
 
 class Store:
     def __init__(self, path: Path, codec: ContentCodec, *, dirty_limit: int, cache_limit: int,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns, inline_max: int = INLINE_MAX) -> None:
         """Opens (or creates) the store at `path`, locking it; raises StoreOpenError."""
         self.path = path
         self.clock = clock
@@ -111,8 +111,9 @@ class Store:
         self._lock_fd = _lock(path / "lock")
         self.names = MetadataCipher(codec.metadata_key)
         try:
+            used_before = (path / "meta.sqlite").exists()  # a new store has none yet
             self.db = Database(path / "meta.sqlite")
-            self._open_database(codec)
+            self._open_database(codec, used_before)
         except sqlite3.DatabaseError as e:
             os.close(self._lock_fd)
             raise StoreOpenError(f"{path / 'meta.sqlite'}: the metadata database is unreadable ({e}); "
@@ -122,7 +123,7 @@ class Store:
             raise
         self.lifetimes: dict[str, Optional[int]] = {}
         self.objects = ObjectFiles(path / "objects")
-        self.blocks = BlockStore(self.db, self.objects, codec, BLOCK_SIZE, dirty_limit, cache_limit)
+        self.blocks = BlockStore(self.db, self.objects, codec, BLOCK_SIZE, dirty_limit, cache_limit, inline_max)
         # STORE/unclean exists while the store is open and goes at a clean close(): found here,
         # the last opener died (SIGKILL, power cut), so the daemon runs the quick check before
         # serving; close() removes it only once that is done (the check clears needs_recovery).
@@ -137,11 +138,12 @@ class Store:
                                  "of the store (sqlite3's .recover may salvage it), or move it away to start afresh") from None
         _create_durably(path / UNCLEAN_MARK)
 
-    def _open_database(self, codec: ContentCodec) -> None:
+    def _open_database(self, codec: ContentCodec, used_before: bool) -> None:
         if self.db.is_new:
-            if next((self.path / "objects").glob("??/??/*"), None) is not None:  # meta.sqlite lost or emptied
+            # meta.sqlite emptied, or lost beside object files: starting afresh would hide the loss
+            if used_before or next((self.path / "objects").glob("??/??/*"), None) is not None:
                 raise StoreOpenError(f"{self.path / 'meta.sqlite'}: the metadata database is missing or empty, but "
-                                     "the store holds object files: without it they cannot be read. Restore it, "
+                                     "the store was in use: without it its files cannot be read. Restore it, "
                                      "or move the store away to start afresh")
             self.db.create_schema()  # one transaction with what follows: a crash leaves no half store
             self.db.set_meta("key_check", codec.key_check_value())
