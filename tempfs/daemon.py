@@ -165,6 +165,7 @@ class _Daemon:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.store.blocks.run_flusher)
+            await nursery.start(self.store.blocks.run_read_ahead)
             await nursery.start(self.store.run_committer)
             await nursery.start(self.ops.run_reaper)
             await nursery.start(self.ops.space.run_watch)

@@ -241,6 +241,19 @@ def test_corrupted_object_is_damage_naming_every_file_using_it(built):
     assert check_offline(built, verify_content=False).clean
 
 
+def test_a_corrupted_inline_object_is_damage_naming_its_file(built):
+    """A small object lives in its row (objects.data): the check authenticates it there."""
+    tail = built.object_of("g", 1)  # g's 5000-byte tail: kept inline
+    (blob,), = built.sql("SELECT data FROM objects WHERE id=?", (tail,))
+    assert blob is not None and not built.object_path(tail).exists()
+    altered = blob[:-1] + bytes([blob[-1] ^ 0x01])
+    built.sql("UPDATE objects SET data=? WHERE id=?", (altered, tail))
+    report = check_offline(built)
+    assert len(report.damaged) == 1 and report.repaired == []
+    assert f"/{LEAF}/g (block 1)" in report.damaged[0] and "corrupt" in report.damaged[0]
+    assert built.sql("SELECT data FROM objects WHERE id=?", (tail,)) == [(altered,)]  # left as it is
+
+
 def test_block_of_a_missing_object_is_damage_and_stays(built):
     object_id = built.object_of("g", 1)
     built.sql("DELETE FROM objects WHERE id=?", (object_id,))

@@ -767,6 +767,70 @@ async def test_small_objects_live_in_the_metadata_and_go_with_their_rows(opener)
     assert store.usage()["total"]["stored_bytes"] == 0
 
 
+def test_cached_reads_never_outlive_a_change_or_a_rollback(store):
+    f = new_file(store, leaf(store), b"f")
+    before = store.inode(f)
+    store.db.execute("SAVEPOINT s")
+    store.set_attrs(f, mode=stat.S_IFREG | 0o600)
+    assert stat.S_IMODE(store.inode(f).mode) == 0o600
+    store.db.rollback_to("s")
+    assert store.inode(f) == before
+
+    async def write_and_store():
+        await store.write(f, 0, random.Random(1).randbytes(1000))
+        assert store.inode(f).stored_bytes == 0  # held in memory so far
+        await store.sync()  # the block map's triggers update stored_bytes
+    run(write_and_store)
+    assert store.inode(f).stored_bytes == store.db.one("SELECT stored_size FROM objects")[0] > 0
+
+
+@trio_test
+async def test_a_file_read_in_order_has_its_next_blocks_loaded_ahead(opener):
+    store = opener()
+    f = new_file(store, leaf(store), b"model.onnx")
+    data = random.Random(6).randbytes(12 * BLOCK_SIZE)
+    await store.write(f, 0, data)
+    await store.sync()
+    opener.close(store)
+    store = opener()  # nothing cached
+    blocks = store.blocks
+    async with trio.open_nursery() as nursery:
+        await nursery.start(blocks.run_read_ahead)
+        assert await store.read(f, 0, BLOCK_SIZE) == data[:BLOCK_SIZE]
+        assert blocks.misses == 1
+        for i in range(1, 12):
+            assert await store.read(f, i * BLOCK_SIZE, BLOCK_SIZE) == data[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]
+        assert blocks.misses == 1  # every later block was loaded ahead (or waited for)
+        assert await store.read(f, 5 * BLOCK_SIZE, 10) == data[5 * BLOCK_SIZE:5 * BLOCK_SIZE + 10]
+        nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_reader_out_of_order_gets_no_loads_ahead_and_a_failed_one_is_the_readers_error(opener):
+    store = opener()
+    f = new_file(store, leaf(store), b"frames.raw")
+    data = random.Random(7).randbytes(8 * BLOCK_SIZE)
+    await store.write(f, 0, data)
+    await store.sync()
+    broken = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=2", (f,))[0]
+    path = store.objects.path(broken)
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    opener.close(store)
+    store = opener()
+    blocks = store.blocks
+    async with trio.open_nursery() as nursery:
+        await nursery.start(blocks.run_read_ahead)
+        assert await store.read(f, 6 * BLOCK_SIZE, 100) == data[6 * BLOCK_SIZE:6 * BLOCK_SIZE + 100]
+        await trio.sleep(0.05)
+        assert blocks.misses == 1 and not blocks._loading  # a jump: nothing loaded ahead
+        assert await store.read(f, 0, BLOCK_SIZE) == data[:BLOCK_SIZE]  # from the start: 1..8 ahead
+        assert await store.read(f, BLOCK_SIZE, BLOCK_SIZE) == data[BLOCK_SIZE:2 * BLOCK_SIZE]
+        with pytest.raises(BlockReadError):
+            await store.read(f, 2 * BLOCK_SIZE, BLOCK_SIZE)
+        assert await store.read(f, 3 * BLOCK_SIZE, BLOCK_SIZE) == data[3 * BLOCK_SIZE:4 * BLOCK_SIZE]
+        nursery.cancel_scope.cancel()
+
+
 @trio_test
 async def test_an_altered_inline_object_reads_as_an_error(opener):
     store = opener()

@@ -11,6 +11,9 @@ Guarantees:
   commit that references it: a small file costs no object file, no folder, no fsync of its own.
 - Dirty data is bounded by `dirty_limit`: a writer that would pass it waits for the flusher.
 - Sealing, hashing and disk I/O run in worker threads; the trio thread only touches SQLite.
+- A file read in order has its next blocks loaded ahead, several at once, into the clean LRU
+  (objects are immutable, so a block loaded ahead is never stale); a reader that asks for one
+  being loaded waits for that load instead of starting its own.
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ FLUSH_AGE = 2.0          # seconds a block may stay dirty when there is no press
 FLUSH_PARALLELISM = 3    # batches sealed at once (2 cores, plus disk waits)
 FLUSH_BATCH = 8          # blocks per trip to a worker thread: a trip costs ~0.2 ms
 INLINE_MAX = 16 * 1024   # sealed objects up to this size live in the metadata, not in files
+READAHEAD_BLOCKS = 8     # blocks loaded ahead of a reader that reads a file in order
+READAHEAD_PARALLELISM = 4
+READERS_TRACKED = 1024   # files whose next block in order is remembered
 
 
 class BlockReadError(Exception):
@@ -74,6 +80,9 @@ class BlockStore:
         self.in_flight: set[int] = set()  # object files being written, not yet in the object table
         self.doomed: set[int] = set()     # object files whose row is gone, removed after the commit
         self.hits = self.misses = 0       # block reads answered from memory / from object files
+        self._loading: dict[int, trio.Event] = {}  # object id -> set when its load ahead ends
+        self._in_order: dict[int, tuple[int, int]] = {}  # inode -> (next block asked, first not yet asked ahead)
+        self._ahead_send, self._ahead_receive = trio.open_memory_channel(64)
 
     # ---- reading -------------------------------------------------------------------------
     async def read(self, inode: int, offset: int, size: int, file_size: int) -> bytes:
@@ -81,6 +90,7 @@ class BlockStore:
         if offset >= end:
             return b""
         first, last = offset // self.block_size, (end - 1) // self.block_size
+        self._read_ahead(inode, first, last)
         blocks = await self._blocks(inode, range(first, last + 1))
         out = bytearray(end - offset)  # zeros: what a hole or a short block reads as
         for blockno, block in zip(range(first, last + 1), blocks):
@@ -91,10 +101,56 @@ class BlockStore:
             out[at:at + len(piece)] = piece
         return bytes(out)
 
+    def _read_ahead(self, inode: int, first: int, last: int) -> None:
+        """Asks for the blocks after `last` when this read continues the previous one."""
+        if self.cache_limit < 2 * READAHEAD_BLOCKS * self.block_size:
+            return  # nowhere to keep them
+        expected, asked = self._in_order.get(inode, (0, 0))
+        if len(self._in_order) >= READERS_TRACKED:
+            self._in_order.clear()
+        # the kernel's own readahead may send the next requests slightly out of order
+        if not expected - 1 <= first <= expected + 2:
+            self._in_order[inode] = (last + 1, 0)
+            return
+        start, stop = max(asked, last + 1), last + 1 + READAHEAD_BLOCKS
+        self._in_order[inode] = (last + 1, max(asked, stop))
+        if start < stop:
+            with contextlib.suppress(trio.WouldBlock):  # far behind: the reader loads them itself
+                self._ahead_send.send_nowait((inode, range(start, stop)))
+
+    async def run_read_ahead(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Loads the blocks asked for by _read_ahead, READAHEAD_PARALLELISM objects at a time."""
+        slots = trio.CapacityLimiter(READAHEAD_PARALLELISM)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            async for inode, blocknos in self._ahead_receive:
+                for blockno in blocknos:
+                    if (inode, blockno) in self.dirty:
+                        continue
+                    try:
+                        object_id = self._mapped(inode, blockno)
+                    except BlockReadError:
+                        continue  # the reader will meet it (and report it) if it gets there
+                    if object_id is None or object_id in self._clean or object_id in self._loading:
+                        continue
+                    self._loading[object_id] = trio.Event()
+                    nursery.start_soon(self._load_ahead, object_id, slots)
+
+    async def _load_ahead(self, object_id: int, slots: trio.CapacityLimiter) -> None:
+        try:
+            async with slots:
+                facts = self._sealing_facts(object_id)
+                plain = await trio.to_thread.run_sync(self._load, object_id, facts)
+            if not isinstance(plain, Exception):  # a failure is the reader's to report
+                self._remember(object_id, plain)
+        finally:
+            self._loading.pop(object_id).set()
+
     async def _blocks(self, inode: int, blocknos: range) -> list[bytes]:
         """The current content of some blocks of a file, with one trip to the worker threads
         for all the objects that are not cached."""
         for _attempt in range(3):
+            await self._loads_ahead_done(inode, blocknos)
             found: dict[int, bytes] = {}
             wanted: dict[int, int] = {}
             for blockno in blocknos:
@@ -127,9 +183,17 @@ class BlockStore:
                 return [found[b] for b in blocknos]
         raise BlockReadError(inode, blocknos[0], "blocks keep changing under the reader")
 
+    async def _loads_ahead_done(self, inode: int, blocknos: range) -> None:
+        """Waits for the loads ahead of these blocks' objects, rather than load them twice."""
+        for blockno in blocknos:
+            if (inode, blockno) not in self.dirty:
+                loading = self._loading.get(self._mapped(inode, blockno))
+                if loading is not None:
+                    await loading.wait()
+
     def _mapped(self, inode: int, blockno: int, verify: bool = True) -> Optional[int]:
         """The object a block is stored in (None: a hole); `verify` checks the entry's tag."""
-        row = self.db.one("SELECT object, tag FROM blocks WHERE inode=? AND blockno=?", (inode, blockno))
+        row = self.db.one_cached("SELECT object, tag FROM blocks WHERE inode=? AND blockno=?", (inode, blockno))
         if row is None:
             return None
         if verify and row[1] != self.codec.block_tag(inode, blockno, row[0]):

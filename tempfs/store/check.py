@@ -173,7 +173,7 @@ class _Checker:
         try:
             yield
         except BaseException:
-            db.execute("ROLLBACK TO tempfs_check")
+            db.rollback_to("tempfs_check")
             db.execute("RELEASE tempfs_check")
             del db._after_commit[hooks:]  # noqa: SLF001
             raise

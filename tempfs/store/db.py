@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Optional
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 5
+MEMO_ENTRIES = 4096  # rows one_cached() keeps between changes
 
 # An entry's deadline: its last change inside tempfs (ctime, which programs cannot set back)
 # plus its policy's max_age, or earlier if a program shortened it (user.tempfs.ttl).
@@ -166,6 +167,8 @@ class Database:
         self.conn.execute("PRAGMA foreign_keys=OFF")
         self.conn.execute("PRAGMA cache_size=-16384")  # 16 MiB page cache
         self._after_commit: list[Callable[[], None]] = []
+        self._memo: dict[tuple[str, tuple], Optional[tuple]] = {}
+        self._memo_at: Optional[int] = None  # total_changes when the memo was last valid
         self._shred = False
         self._checkpoint_blocked = False
 
@@ -241,10 +244,39 @@ class Database:
         self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     def execute(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Cursor:
-        return self.conn.execute(sql, tuple(args))
+        try:
+            return self.conn.execute(sql, tuple(args))
+        except sqlite3.Error:
+            self.forget_reads()  # some errors roll back the whole transaction
+            raise
 
     def one(self, sql: str, args: Iterable[Any] = ()) -> Optional[tuple]:
-        return self.conn.execute(sql, tuple(args)).fetchone()
+        return self.execute(sql, args).fetchone()
+
+    def one_cached(self, sql: str, args: tuple) -> Optional[tuple]:
+        """one(), answered from memory while nothing has changed the database since it was read.
+        Every INSERT, UPDATE and DELETE of this connection, its triggers' too, moves
+        total_changes; a rollback does not, so it (and any error) calls forget_reads()."""
+        if self.conn.total_changes != self._memo_at:
+            self._memo.clear()
+            self._memo_at = self.conn.total_changes
+        key = (sql, args)
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        row = self.one(sql, args)
+        if len(self._memo) >= MEMO_ENTRIES:
+            self._memo.clear()
+        self._memo[key] = row
+        return row
+
+    def forget_reads(self) -> None:
+        self._memo_at = None
+
+    def rollback_to(self, savepoint: str) -> None:
+        self.forget_reads()
+        self.conn.execute(f"ROLLBACK TO {savepoint}")
 
     def shred_after_commit(self) -> None:
         """Secrets were deleted: after the commit, checkpoint and truncate the WAL so that the
@@ -268,7 +300,11 @@ class Database:
     def commit_deferred(self, durable: bool = False) -> Callable[[], None]:
         """Commits, and returns the after-commit work now due as one callable for the caller
         to run later, e.g. in a worker thread (it only touches files)."""
-        self.conn.commit()
+        try:
+            self.conn.commit()
+        except sqlite3.Error:
+            self.forget_reads()
+            raise
         if self._shred:
             self._shred = not self._checkpointed()
         if durable:

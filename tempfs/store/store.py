@@ -98,6 +98,7 @@ class Inode:
 _S_IFMT = 0o170000  # the file-type bits of st_mode
 _INODE_COLUMNS = ("id, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, target, "
                   "policy, expires_ns, stored_bytes")
+_INODE_QUERY = f"SELECT {_INODE_COLUMNS} FROM inodes WHERE id=?"
 _SETTABLE = {"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns"}
 
 
@@ -221,7 +222,7 @@ class Store:
 
     # ---- inodes and names ----------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
-        row = self.db.one(f"SELECT {_INODE_COLUMNS} FROM inodes WHERE id=?", (ino,))
+        row = self.db.one_cached(_INODE_QUERY, (ino,))
         if row is None:
             raise StoreError(errno.ENOENT)
         node = Inode(*row)
@@ -233,7 +234,8 @@ class Store:
         return node
 
     def lookup(self, parent: int, name: bytes) -> Optional[int]:
-        row = self.db.one("SELECT inode FROM entries WHERE parent=? AND name=?", (parent, self.names.name(parent, name)))
+        row = self.db.one_cached("SELECT inode FROM entries WHERE parent=? AND name=?",
+                                 (parent, self.names.name(parent, name)))
         return None if row is None else row[0]
 
     def children(self, parent: int, after: int = 0, limit: int = 1000) -> list[tuple[int, bytes, int]]:
@@ -627,7 +629,7 @@ class Store:
 
     def area_stored(self, area: str) -> int:
         """An area's stored bytes, each object it references once."""
-        row = self.db.one("SELECT stored_bytes FROM area_usage WHERE area=?", (area,))
+        row = self.db.one_cached("SELECT stored_bytes FROM area_usage WHERE area=?", (area,))
         return 0 if row is None else row[0]
 
     def sole_objects(self, area: str, ino: int, first: int, last: int) -> dict[int, int]:
