@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tempfs.codec import MASTER_KEY_BYTES, MAX_PLAIN_BYTES, ContentCodec, IntegrityError
+from tempfs.codec import DIGESTS, MASTER_KEY_BYTES, MAX_PLAIN_BYTES, ContentCodec, IntegrityError
 
 BLOCK = 128 * 1024
 MARKER = b"TEMPFS-PLAINTEXT-MARKER-7f3a9c"
@@ -226,9 +226,10 @@ def test_key_check_value():
     assert k1 not in ContentCodec(k1).key_check_value()
 
 
-def test_digest_is_keyed_and_deterministic():
+@pytest.mark.parametrize("algorithm", DIGESTS)
+def test_digest_is_keyed_and_deterministic(algorithm):
     k1, k2 = os.urandom(MASTER_KEY_BYTES), os.urandom(MASTER_KEY_BYTES)
-    c1, c1b, c2 = ContentCodec(k1), ContentCodec(k1), ContentCodec(k2)
+    c1, c1b, c2 = (ContentCodec(k, digest=algorithm) for k in (k1, k1, k2))
     data = _compressible(BLOCK)
     assert c1.digest(data) == c1b.digest(data)
     assert c1.digest(data) != c2.digest(data)
@@ -237,6 +238,12 @@ def test_digest_is_keyed_and_deterministic():
     import hashlib
     assert c1.digest(data) != hashlib.blake2b(data, digest_size=32).digest()
     assert c1.digest(data) != hashlib.sha256(data).digest()
+    assert c1.digest(data) != ContentCodec(k1, digest=next(a for a in DIGESTS if a != algorithm)).digest(data)
+
+
+def test_an_unknown_digest_is_refused():
+    with pytest.raises(ValueError):
+        ContentCodec(os.urandom(MASTER_KEY_BYTES), digest="md5")
 
 
 @pytest.mark.parametrize("n", [0, 1, 31, 33, 64])

@@ -767,6 +767,28 @@ async def test_small_objects_live_in_the_metadata_and_go_with_their_rows(opener)
     assert store.usage()["total"]["stored_bytes"] == 0
 
 
+def test_a_store_keeps_the_dedup_digest_it_was_made_with(opener):
+    """New stores digest with BLAKE3; one made with BLAKE2b (all before BLAKE3, which recorded
+    no algorithm) keeps it, so new writes still deduplicate against its objects."""
+    assert opener().db.get_meta("digest") == "blake3"
+    opener.close(opener.open_stores[0])
+    old_path = opener.tmp_path / "old"
+    store = Store(old_path, ContentCodec(opener.key, digest="blake2b"), dirty_limit=BIG, cache_limit=0)
+    data = random.Random(11).randbytes(BLOCK_SIZE)
+
+    async def write(store, name):
+        await store.write(new_file(store, leaf(store), name), 0, data)
+        await store.sync()
+    run(write, store, b"a")
+    store.db.execute("DELETE FROM meta WHERE key='digest'")  # as a store from before BLAKE3
+    store.commit_now()
+    store.close()
+    store = opener(old_path)  # a codec that would take BLAKE3 for a new store
+    assert store.blocks.codec.digest_algorithm == "blake2b"
+    run(write, store, b"b")
+    assert objects_rows(store) == 1  # deduplicated against the old object
+
+
 def test_cached_reads_never_outlive_a_change_or_a_rollback(store):
     f = new_file(store, leaf(store), b"f")
     before = store.inode(f)

@@ -81,6 +81,7 @@ class BlockStore:
         self.doomed: set[int] = set()     # object files whose row is gone, removed after the commit
         self.hits = self.misses = 0       # block reads answered from memory / from object files
         self._loading: dict[int, trio.Event] = {}  # object id -> set when its load ahead ends
+        self._reading_ahead = False                  # run_read_ahead is running
         self._in_order: dict[int, tuple[int, int]] = {}  # inode -> (next block asked, first not yet asked ahead)
         self._ahead_send, self._ahead_receive = trio.open_memory_channel(64)
 
@@ -103,8 +104,8 @@ class BlockStore:
 
     def _read_ahead(self, inode: int, first: int, last: int) -> None:
         """Asks for the blocks after `last` when this read continues the previous one."""
-        if self.cache_limit < 2 * READAHEAD_BLOCKS * self.block_size:
-            return  # nowhere to keep them
+        if not self._reading_ahead or self.cache_limit < 2 * READAHEAD_BLOCKS * self.block_size:
+            return  # no loader running (tools, tests), or nowhere to keep the blocks
         expected, asked = self._in_order.get(inode, (0, 0))
         if len(self._in_order) >= READERS_TRACKED:
             self._in_order.clear()
@@ -114,27 +115,36 @@ class BlockStore:
             return
         start, stop = max(asked, last + 1), last + 1 + READAHEAD_BLOCKS
         self._in_order[inode] = (last + 1, max(asked, stop))
-        if start < stop:
-            with contextlib.suppress(trio.WouldBlock):  # far behind: the reader loads them itself
-                self._ahead_send.send_nowait((inode, range(start, stop)))
+        for blockno in range(start, stop):
+            if (inode, blockno) in self.dirty:
+                continue
+            try:
+                object_id = self._mapped(inode, blockno)
+            except BlockReadError:
+                continue  # the reader will meet it (and report it) if it gets there
+            if object_id is None or object_id in self._clean or object_id in self._loading:
+                continue
+            try:
+                self._ahead_send.send_nowait(object_id)
+            except trio.WouldBlock:
+                return  # far behind: the reader loads the rest itself
+            # marked now, not when the loader gets to it: a reader asking first waits for it
+            self._loading[object_id] = trio.Event()
 
     async def run_read_ahead(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Loads the blocks asked for by _read_ahead, READAHEAD_PARALLELISM objects at a time."""
+        """Loads the objects _read_ahead asked for, READAHEAD_PARALLELISM at a time."""
         slots = trio.CapacityLimiter(READAHEAD_PARALLELISM)
+        self._reading_ahead = True
         task_status.started()
-        async with trio.open_nursery() as nursery:
-            async for inode, blocknos in self._ahead_receive:
-                for blockno in blocknos:
-                    if (inode, blockno) in self.dirty:
-                        continue
-                    try:
-                        object_id = self._mapped(inode, blockno)
-                    except BlockReadError:
-                        continue  # the reader will meet it (and report it) if it gets there
-                    if object_id is None or object_id in self._clean or object_id in self._loading:
-                        continue
-                    self._loading[object_id] = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                async for object_id in self._ahead_receive:
                     nursery.start_soon(self._load_ahead, object_id, slots)
+        finally:
+            self._reading_ahead = False
+            for loading in self._loading.values():  # asked for, never loaded: readers load them
+                loading.set()
+            self._loading.clear()
 
     async def _load_ahead(self, object_id: int, slots: trio.CapacityLimiter) -> None:
         try:
@@ -144,7 +154,9 @@ class BlockStore:
             if not isinstance(plain, Exception):  # a failure is the reader's to report
                 self._remember(object_id, plain)
         finally:
-            self._loading.pop(object_id).set()
+            loading = self._loading.pop(object_id, None)
+            if loading is not None:
+                loading.set()
 
     async def _blocks(self, inode: int, blocknos: range) -> list[bytes]:
         """The current content of some blocks of a file, with one trip to the worker threads

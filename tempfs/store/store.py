@@ -148,6 +148,7 @@ class Store:
                                      "or move the store away to start afresh")
             self.db.create_schema()  # one transaction with what follows: a crash leaves no half store
             self.db.set_meta("key_check", codec.key_check_value())
+            self.db.set_meta("digest", codec.digest_algorithm)
             now = self.clock()
             self.db.execute("INSERT INTO inodes(id, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns, kind) "
                             "VALUES (?, ?, ?, ?, 2, ?, ?, ?, ?)",
@@ -157,6 +158,10 @@ class Store:
             raise WrongKeyError(f"{self.path}: the key does not open this store (wrong key file?)")
         else:
             self.db.migrate(secure_metadata=lambda: self._secure_metadata(codec))
+            try:  # its objects' digests are what later writes deduplicate against
+                codec.use_digest(self.db.get_meta("digest") or "blake2b")  # none: made before BLAKE3
+            except ValueError as e:
+                raise StoreOpenError(f"{self.path / 'meta.sqlite'}: {e} (a newer tempfs?)") from None
 
     def _secure_metadata(self, codec: ContentCodec) -> None:
         """Migration of a store written before names were encrypted and block map entries and
