@@ -90,7 +90,8 @@ class Built:
         return MetadataCipher(ContentCodec(self.key).metadata_key).name(parent, name)
 
     def object_path(self, object_id: int) -> Path:
-        return ObjectFiles(self.path / "objects").path(object_id)
+        (levels,), = self.sql("SELECT value FROM meta WHERE key='object_levels'")
+        return ObjectFiles(self.path / "objects", levels).path(object_id)
 
     def fsck(self, *args: str):
         return run_tempfs("fsck", *args, cwd=self.root, env={"TEMPFS_ROOT": str(self.root)})
@@ -458,8 +459,8 @@ def test_online_check_beside_writes_reports_nothing_and_removes_nothing_in_fligh
         real_write(self, object_id, data)
         time.sleep(0.003)
 
-    def listing(root):
-        files, strays = real_list(root)
+    def listing(root, levels):
+        files, strays = real_list(root, levels)
         in_flight_listed.append(len(files.keys() & set(store.blocks.in_flight)))
         return files, strays
 

@@ -26,7 +26,7 @@ def _plant_orphan(store, object_id: int, size: int = 3000):
     """An object file that no metadata refers to, as a crash between writing an object and
     committing its row leaves."""
     name = f"{object_id:016x}"
-    path = store / "objects" / name[:2] / name[2:4] / name
+    path = store / "objects" / name[:2] / name  # a store's layout since schema 5
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(os.urandom(size))
     return path

@@ -204,7 +204,7 @@ def test_the_periodic_whole_store_check_runs_when_due_and_repairs(make_mount, cl
     data = os.urandom(300_000)
     m.path("processing/common/uploads/x").write_bytes(data)
     # an object file no metadata refers to, as a crash between writing and committing leaves
-    orphan = m.base / "store" / "objects" / "1b" / "cd" / "1bcd000000000001"
+    orphan = m.base / "store" / "objects" / "1b" / "1bcd000000000001"
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(os.urandom(500))
     time.sleep(1.5)  # the daemon looks every second: not due yet

@@ -789,6 +789,33 @@ def test_a_store_keeps_the_dedup_digest_it_was_made_with(opener):
     assert objects_rows(store) == 1  # deduplicated against the old object
 
 
+def test_object_files_go_in_256_folders_and_an_older_store_keeps_its_65536(opener):
+    async def write_and_read(store, name, seed):
+        data = random.Random(seed).randbytes(3 * BLOCK_SIZE)
+        f = new_file(store, leaf(store), name)
+        await store.write(f, 0, data)
+        await store.sync()
+        return f, data
+
+    store = opener()
+    f, data = run(write_and_read, store, b"new", 1)
+    parts = {p.relative_to(store.path / "objects").parts for p in (store.path / "objects").rglob("*") if p.is_file()}
+    assert len(parts) == 3 and all(len(p) == 2 and p[1].startswith(p[0]) for p in parts)
+    opener.close(store)
+    old = opener(opener.tmp_path / "old")
+    old.db.execute("DELETE FROM meta WHERE key='object_levels'")  # as a store from before
+    old.commit_now()
+    opener.close(old)
+    old = opener(opener.tmp_path / "old")
+    g, old_data = run(write_and_read, old, b"old", 2)
+    parts = {p.relative_to(old.path / "objects").parts for p in (old.path / "objects").rglob("*") if p.is_file()}
+    assert len(parts) == 3 and all(len(p) == 3 and p[2].startswith(p[0] + p[1]) for p in parts)
+    assert len(object_files(old)) == 3
+    opener.close(old)
+    old = opener(opener.tmp_path / "old")
+    assert run(old.read, g, 0, 4 * BLOCK_SIZE) == old_data
+
+
 def test_cached_reads_never_outlive_a_change_or_a_rollback(store):
     f = new_file(store, leaf(store), b"f")
     before = store.inode(f)

@@ -49,6 +49,7 @@ from typing import Callable, Iterator, Optional
 import trio
 
 from ..codec import IntegrityError
+from .objects import shards
 from .store import DAMAGED_NAME, ROOT_INODE, Store
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ class _Checker:
                  "verifying content" if self.verify else "quick")
         await self._check_object_refs()
         await self._check_tree()
-        files, strays = await trio.to_thread.run_sync(_list_object_files, self.store.objects.root)
+        files, strays = await trio.to_thread.run_sync(_list_object_files, self.store.objects.root,
+                                                      self.store.objects.levels)
         await self._check_content(files)
         await self._check_counters()
         await self._check_orphans(files)
@@ -607,15 +609,15 @@ def _reason(error: Exception) -> str:
     return f"cannot be read ({error.strerror or error})" if isinstance(error, OSError) else str(error)
 
 
-def _object_id(parts: tuple[str, ...], name: str) -> Optional[int]:
+def _object_id(parts: tuple[str, ...], name: str, levels: int) -> Optional[int]:
     """The id of an object file at objects/<parts>/<name>, or None if it is not one."""
-    if not _OBJECT_NAME.fullmatch(name) or parts != (name[:2], name[2:4]):
+    if not _OBJECT_NAME.fullmatch(name) or parts != shards(name, levels)[:-1]:
         return None
     object_id = int(name, 16)
     return object_id if object_id <= MAX_ID else None
 
 
-def _list_object_files(root: Path) -> tuple[dict[int, int], list[str]]:
+def _list_object_files(root: Path, levels: int) -> tuple[dict[int, int], list[str]]:
     """In a worker thread: {object id: size} of the object files, and the other files' paths."""
     files: dict[int, int] = {}
     strays: list[str] = []
@@ -627,7 +629,7 @@ def _list_object_files(root: Path) -> tuple[dict[int, int], list[str]]:
                 st = os.lstat(path)
             except FileNotFoundError:
                 continue  # removed meanwhile
-            object_id = _object_id(parts, name)
+            object_id = _object_id(parts, name, levels)
             if object_id is None or not stat.S_ISREG(st.st_mode):
                 strays.append(path)
             else:

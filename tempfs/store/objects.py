@@ -1,4 +1,7 @@
-"""Object files: one sealed block per file under STORE/objects/, sharded by id.
+"""Object files: one sealed block per file under STORE/objects/, sharded by id: in 256 folders
+by the id's first two hex digits (objects/ab/<id>), or, in stores made before that, in 65,536
+(objects/ab/cd/<id>; a folder each takes a disk block, and a new store created one for nearly
+every object it wrote).
 
 Guarantees: an object file is created once and never rewritten (O_EXCL), so a committed
 reference can never point at a half-rewritten file; `sync()` makes every object written since
@@ -19,14 +22,16 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class ObjectFiles:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, levels: int = 1) -> None:
+        if levels not in (1, 2):
+            raise ValueError(f"object folders nest 1 or 2 levels deep, not {levels!r}")
         self.root = root
+        self.levels = levels
         self._unsynced: set[int] = set()
         self._lock = threading.Lock()  # writes run in worker threads
 
     def path(self, object_id: int) -> Path:
-        name = f"{object_id:016x}"
-        return self.root / name[:2] / name[2:4] / name
+        return self.root.joinpath(*shards(f"{object_id:016x}", self.levels))
 
     def write(self, object_id: int, data: bytes) -> None:
         path = self.path(object_id)
@@ -35,7 +40,7 @@ class ObjectFiles:
         except FileNotFoundError:
             # the objects folder and its shards are made as needed, the store folder never: if it
             # is gone (removed while mounted) the write fails rather than start a stray store
-            for folder in (self.root, path.parent.parent, path.parent):
+            for folder in reversed(path.parents[:self.levels + 1]):
                 folder.mkdir(exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -93,7 +98,7 @@ class ObjectFiles:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            folders.update((path.parent, path.parent.parent))
+            folders.update(path.parents[:self.levels])
         for folder in folders:
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -104,9 +109,14 @@ class ObjectFiles:
     def all_ids(self) -> set[int]:
         """Every object id present on disk (for fsck and orphan cleanup)."""
         ids = set()
-        for path in self.root.glob("??/??/*"):
+        for path in self.root.glob("??/" * self.levels + "*"):
             try:
                 ids.add(int(path.name, 16))
             except ValueError:
                 continue
         return ids
+
+
+def shards(name: str, levels: int) -> tuple[str, ...]:
+    """The folders and file name of object file `name` below the objects folder."""
+    return (name[:2], name) if levels == 1 else (name[:2], name[2:4], name)

@@ -123,7 +123,7 @@ class Store:
             os.close(self._lock_fd)
             raise
         self.lifetimes: dict[str, Optional[int]] = {}
-        self.objects = ObjectFiles(path / "objects")
+        self.objects = ObjectFiles(path / "objects", self._object_levels)
         self.blocks = BlockStore(self.db, self.objects, codec, BLOCK_SIZE, dirty_limit, cache_limit, inline_max)
         # STORE/unclean exists while the store is open and goes at a clean close(): found here,
         # the last opener died (SIGKILL, power cut), so the daemon runs the quick check before
@@ -142,13 +142,14 @@ class Store:
     def _open_database(self, codec: ContentCodec, used_before: bool) -> None:
         if self.db.is_new:
             # meta.sqlite emptied, or lost beside object files: starting afresh would hide the loss
-            if used_before or next((self.path / "objects").glob("??/??/*"), None) is not None:
+            if used_before or next((self.path / "objects").glob("??/*"), None) is not None:
                 raise StoreOpenError(f"{self.path / 'meta.sqlite'}: the metadata database is missing or empty, but "
                                      "the store was in use: without it its files cannot be read. Restore it, "
                                      "or move the store away to start afresh")
             self.db.create_schema()  # one transaction with what follows: a crash leaves no half store
             self.db.set_meta("key_check", codec.key_check_value())
             self.db.set_meta("digest", codec.digest_algorithm)
+            self.db.set_meta("object_levels", 1)
             now = self.clock()
             self.db.execute("INSERT INTO inodes(id, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns, kind) "
                             "VALUES (?, ?, ?, ?, 2, ?, ?, ?, ?)",
@@ -162,6 +163,10 @@ class Store:
                 codec.use_digest(self.db.get_meta("digest") or "blake2b")  # none: made before BLAKE3
             except ValueError as e:
                 raise StoreOpenError(f"{self.path / 'meta.sqlite'}: {e} (a newer tempfs?)") from None
+        self._object_levels = self.db.get_meta("object_levels") or 2  # none: made before 1 level
+        if self._object_levels not in (1, 2):
+            raise StoreOpenError(f"{self.path / 'meta.sqlite'}: object folders nested {self._object_levels!r} "
+                                 "levels deep (a newer tempfs?)")
 
     def _secure_metadata(self, codec: ContentCodec) -> None:
         """Migration of a store written before names were encrypted and block map entries and
