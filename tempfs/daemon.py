@@ -3,6 +3,7 @@ SIGINT/SIGTERM flush everything and close the store cleanly.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 CHECK_POLL = 1.0  # how often the daemon looks whether the whole-store check is due
 STORE_POLL = 1.0  # how often it looks whether its store folder is still there
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
 SHUTDOWN_RETRY = 60.0  # how long unmounting retries storing what is left (full disk, locked database)
 
 
@@ -76,6 +79,16 @@ def area_rules(config: Config) -> dict[str, AreaRule]:
     return rules
 
 
+def _limit_malloc_arenas() -> None:
+    """glibc gives each worker thread that seals or loads blocks an arena of its own (up to 8 per
+    core), and 128 KiB buffers freed in one arena are not reused by another: peak RSS went from
+    245 to 446 MiB on sequential and random I/O. Two arenas cost no measurable throughput."""
+    try:
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):  # not glibc
+        log.debug("mallopt unavailable: malloc arenas left as they are")
+
+
 def mount_options(store_path: Path) -> set[str]:
     return {"fsname=tempfs:" + str(store_path), "subtype=tempfs", "default_permissions", "allow_other"}
 
@@ -84,6 +97,7 @@ def serve(store: Store, config: Config, mountpoint: Path, events_path: Optional[
           metrics=None, key_path: Optional[Path | str] = None) -> None:
     """Mounts and serves until unmounted; always leaves the store closed and the mount gone.
     Events (refusals, expiries, evictions, alerts, ...) go to `events_path` as JSON lines."""
+    _limit_malloc_arenas()
     prepare_tree(store, config)
     monitor = Monitor(events_path=events_path, alert_command=config.alerts.command,
                       alert_timeout=config.alerts.command_timeout)

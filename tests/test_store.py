@@ -833,15 +833,23 @@ def test_cached_reads_never_outlive_a_change_or_a_rollback(store):
     assert store.inode(f).stored_bytes == store.db.one("SELECT stored_size FROM objects")[0] > 0
 
 
-@trio_test
-async def test_a_file_read_in_order_has_its_next_blocks_loaded_ahead(opener):
+async def stored_then_reopened(opener, name: bytes, size: int, seed: int, damage=None):
+    """A store holding one file of random content, reopened with nothing cached; `damage(store,
+    inode)` runs before it is closed."""
     store = opener()
-    f = new_file(store, leaf(store), b"model.onnx")
-    data = random.Random(6).randbytes(12 * BLOCK_SIZE)
+    f = new_file(store, leaf(store), name)
+    data = random.Random(seed).randbytes(size)
     await store.write(f, 0, data)
     await store.sync()
+    if damage is not None:
+        damage(store, f)
     opener.close(store)
-    store = opener()  # nothing cached
+    return opener(), f, data
+
+
+@trio_test
+async def test_a_file_read_in_order_has_its_next_blocks_loaded_ahead(opener):
+    store, f, data = await stored_then_reopened(opener, b"model.onnx", 12 * BLOCK_SIZE, 6)
     blocks = store.blocks
     async with trio.open_nursery() as nursery:
         await nursery.start(blocks.run_read_ahead)
@@ -856,16 +864,11 @@ async def test_a_file_read_in_order_has_its_next_blocks_loaded_ahead(opener):
 
 @trio_test
 async def test_a_reader_out_of_order_gets_no_loads_ahead_and_a_failed_one_is_the_readers_error(opener):
-    store = opener()
-    f = new_file(store, leaf(store), b"frames.raw")
-    data = random.Random(7).randbytes(8 * BLOCK_SIZE)
-    await store.write(f, 0, data)
-    await store.sync()
-    broken = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=2", (f,))[0]
-    path = store.objects.path(broken)
-    path.write_bytes(path.read_bytes()[:-1] + b"\0")
-    opener.close(store)
-    store = opener()
+    def damage_block_2(store, f):
+        path = store.objects.path(store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=2", (f,))[0])
+        path.write_bytes(path.read_bytes()[:-1] + b"\0")
+
+    store, f, data = await stored_then_reopened(opener, b"frames.raw", 8 * BLOCK_SIZE, 7, damage_block_2)
     blocks = store.blocks
     async with trio.open_nursery() as nursery:
         await nursery.start(blocks.run_read_ahead)
