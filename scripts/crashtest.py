@@ -43,7 +43,6 @@ described on stderr), 2 if the harness itself could not run.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import hashlib
 import json
@@ -58,7 +57,8 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from harness import die_with_parent, script_env, start_daemon, tear_down, unmount
+
 BLOCK = 128 * 1024
 AREA_DIR = "processing/common/uploads/crash"
 KINDS = ("seq", "rand", "small", "rename")
@@ -223,7 +223,7 @@ def writer_rename(d: Path, j: Journal, r: random.Random, prefix: str) -> None:
 
 
 def run_writer(kind: str, d: Path, journal: Path, seed: int, prefix: str) -> int:
-    _die_with_parent()
+    die_with_parent(signal.SIGKILL)  # a writer dies with the harness
     j = Journal(journal)
     r = random.Random(f"{prefix}:{kind}")
     deadline = threading.Timer(WRITER_LIMIT, lambda: os._exit(3))
@@ -473,51 +473,6 @@ class Checker:
 
 # ------------------------------------------------------------------ the harness
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent(sig: int = signal.SIGKILL) -> None:
-    _libc.prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG: a writer dies with the harness
-
-
-def _unmount_with_parent() -> None:
-    _die_with_parent(signal.SIGTERM)  # the daemon unmounts cleanly if the harness dies
-
-
-def _mounted(path: Path) -> bool:
-    target = str(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            mp = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-            if mp == target and right.split()[0].startswith("fuse"):
-                return True
-    return False
-
-
-def _answers(path: Path, timeout: float) -> bool:
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            os.statvfs(path)
-            result.append(True)
-        except OSError:
-            result.append(False)
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(result and result[0])
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 class Harness:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -554,32 +509,15 @@ class Harness:
     def mount(self) -> Path:
         self.mounts += 1
         log = self.logs / f"daemon.{self.mounts:03d}.log"
-        cmd = [sys.executable, "-m", "tempfs", "mount", str(self.mnt), "--store", str(self.store),
-               "--config", str(self.config), "--key-file", str(self.key), "--foreground"]
-        with open(log, "wb") as f:
-            self.daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                           env=_env(), cwd=self.work, start_new_session=True,
-                                           preexec_fn=_unmount_with_parent)
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.daemon.poll() is not None:
-                raise RuntimeError(f"the daemon exited {self.daemon.returncode} before mounting:\n"
-                                   f"{log.read_text(errors='replace')[-3000:]}")
-            if _mounted(self.mnt) and _answers(self.mnt, 5):
-                return log
-            time.sleep(0.05)
-        raise RuntimeError(f"not mounted within {MOUNT_TIMEOUT} s:\n{log.read_text(errors='replace')[-3000:]}")
+        self.daemon = start_daemon(["--store", str(self.store), "--config", str(self.config),
+                                    "--key-file", str(self.key)], self.mnt, log, MOUNT_TIMEOUT, cwd=self.work)
+        return log
 
     def unmount(self) -> None:
-        for _ in range(50):
-            r = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True, text=True)
-            if r.returncode == 0:
-                break
-            time.sleep(0.2)
-        else:
-            raise RuntimeError(f"cannot unmount {self.mnt}: {r.stderr.strip()}")
-        code = self.daemon.wait(timeout=120)
+        problem, code = unmount(self.mnt, self.daemon, timeout=120)
         self.daemon = None
+        if problem:
+            raise RuntimeError(problem)
         if code != 0:
             self.fail(f"the daemon exited {code} after a clean unmount")
 
@@ -600,7 +538,7 @@ class Harness:
     def fsck(self, store: Path, *extra: str) -> tuple[int, dict]:
         cmd = [sys.executable, "-m", "tempfs", "fsck", "--store", str(store), "--key-file", str(self.key),
                "--config", str(self.config), "--no-repair", "--json", *extra]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, stdin=subprocess.DEVNULL)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=script_env(), timeout=600, stdin=subprocess.DEVNULL)
         try:
             return r.returncode, json.loads(r.stdout)
         except json.JSONDecodeError:
@@ -615,7 +553,7 @@ class Harness:
             journal = self.journals / f"c{cycle:03d}-{kind}.jsonl"
             cmd = [sys.executable, __file__, "--writer", kind, "--dir", str(d), "--journal", str(journal),
                    "--seed", str(self.seed), "--prefix", prefix]
-            self.writers.append((kind, subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=_env())))
+            self.writers.append((kind, subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=script_env())))
 
     def stop_writers(self) -> None:
         deadline = time.monotonic() + 30
@@ -750,15 +688,7 @@ class Harness:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        if self.daemon is not None and self.daemon.poll() is None:
-            subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
-            try:
-                self.daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait()
-        if _mounted(self.mnt):
-            subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
+        tear_down(self.mnt, self.daemon, timeout=30)
 
 
 def main(argv=None) -> int:

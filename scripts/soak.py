@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import errno
 import hashlib
 import json
@@ -38,11 +37,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from harness import die_with_parent, script_env, start_daemon, tear_down, unmount
+
 MiB = 1024 * 1024
 EXPIRY = 20.0          # cleanup/'s max_age in this config
 EXPIRY_SLACK = 4.0     # the reaper's nap, plus this machine being busy
@@ -65,37 +64,6 @@ on_full = "evict"
 MAX_OWN_FILES = 30     # per worker in processing/: old ones are removed beyond it
 STATUS_EVERY = 10.0
 RSS_EVERY = 2.0
-
-
-def _die_with_parent(sig: int = signal.SIGTERM) -> None:
-    ctypes.CDLL(None).prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) and " - fuse" in line for line in f)
-
-
-def _answers(path: Path, timeout: float) -> bool:
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            os.statvfs(path)
-            result.append(True)
-        except OSError:
-            result.append(False)
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(result and result[0])
 
 
 def _rss(pid: int) -> int | None:
@@ -299,7 +267,7 @@ class Worker:
 
 
 def _work(mnt: str, me: int, seed: int, deadline: float, results) -> None:
-    _die_with_parent(signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)
     w = Worker(Path(mnt), me, seed, deadline)
     try:
         w.run()
@@ -328,37 +296,16 @@ class Soak:
 
     def tempfs(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "tempfs", *args], capture_output=True, text=True,
-                              env=_env(), timeout=timeout, stdin=subprocess.DEVNULL)
+                              env=script_env(), timeout=timeout, stdin=subprocess.DEVNULL)
 
     def mount(self) -> None:
-        cmd = [sys.executable, "-m", "tempfs", "mount", str(self.mnt), "--store", str(self.store),
-               "--config", str(self.config), "--key-file", str(self.key), "--foreground"]
-        with open(self.log, "ab") as f:
-            self.daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                           env=_env(), start_new_session=True, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.daemon.poll() is not None:
-                raise RuntimeError(f"the daemon exited {self.daemon.returncode}: {self.log.read_text()[-2000:]}")
-            if _mounted(self.mnt) and _answers(self.mnt, 5):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("not mounted within 60 s")
+        self.daemon = start_daemon(["--store", str(self.store), "--config", str(self.config),
+                                    "--key-file", str(self.key)], self.mnt, self.log, timeout=60)
 
     def unmount(self) -> None:
-        for _ in range(50):
-            r = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True, text=True)
-            if r.returncode == 0:
-                break
-            time.sleep(0.2)
-        else:
-            self.errors.append(f"cannot unmount: {r.stderr.strip()}")
-            subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
-        try:
-            code = self.daemon.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            self.daemon.kill()
-            code = self.daemon.wait()
+        problem, code = unmount(self.mnt, self.daemon, timeout=180)
+        if problem:
+            self.errors.append(problem)
         if code != 0:
             self.errors.append(f"the daemon exited {code} at unmount")
         self.daemon = None
@@ -429,15 +376,7 @@ class Soak:
         return {"elapsed": elapsed, "ops": ops}
 
     def cleanup(self) -> None:
-        if self.daemon is not None and self.daemon.poll() is None:
-            subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
-            try:
-                self.daemon.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait()
-        if _mounted(self.mnt):
-            subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
+        tear_down(self.mnt, self.daemon, timeout=60)
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -215,6 +217,32 @@ def run_tempfs(*args, cwd=None, timeout=60, env=None, check=False) -> subprocess
 
 def tail(text: str, n: int = 40) -> str:
     return "\n".join(text.splitlines()[-n:])
+
+
+def run_script(name: str, *args: str, tmp_path, timeout: float = 130) -> tuple[subprocess.CompletedProcess, dict]:
+    """Runs scripts/NAME (its work below tmp_path) and returns its result and its figures
+    (`name value unit` lines); fails if it left a mount behind (detached first)."""
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / name), *args]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=tempfs_env(),
+                           stdin=subprocess.DEVNULL)
+    finally:
+        leftovers = fuse_mounts_under(tmp_path)
+        for mp in leftovers:
+            subprocess.run(["fusermount3", "-uz", mp], capture_output=True)
+    assert not leftovers, f"{name} left mounts behind: {leftovers}"
+    return r, dict(re.findall(r"^(\w+) (\S+) \S+$", r.stdout, re.M))
+
+
+def store_sql(store: Path, statement: str, args=()) -> list[tuple]:
+    """Runs SQL on a store's metadata database, as an outside edit (the store not in use)."""
+    conn = sqlite3.connect(store / "meta.sqlite")
+    try:
+        rows = conn.execute(statement, args).fetchall()
+        conn.commit()
+        return rows
+    finally:
+        conn.close()
 
 
 def wait_until(predicate, timeout=5.0, interval=0.05):

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import random
-import sqlite3
 import stat
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import run_tempfs
+from conftest import run_tempfs, store_sql
 from tempfs.codec import MASTER_KEY_BYTES, ContentCodec
 from tempfs.layout import Kind
 from tempfs.names import MetadataCipher
@@ -74,13 +73,7 @@ class Built:
 
     def sql(self, statement: str, args=()) -> list[tuple]:
         """Runs SQL on the closed store's database, as an outside edit."""
-        conn = sqlite3.connect(self.path / "meta.sqlite")
-        try:
-            rows = conn.execute(statement, args).fetchall()
-            conn.commit()
-            return rows
-        finally:
-            conn.close()
+        return store_sql(self.path, statement, args)
 
     def object_of(self, name: str, blockno: int) -> int:
         return self.sql("SELECT object FROM blocks WHERE inode=? AND blockno=?", (self.inodes[name], blockno))[0][0]

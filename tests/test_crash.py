@@ -6,12 +6,10 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO_ROOT, fuse_mounts_under, run_tempfs, tail, tempfs_env
+from conftest import run_script, run_tempfs, tail
 
 UPLOADS = "processing/common/uploads"
 QUICK_CHECK = "not closed cleanly"  # what the daemon logs when it runs the quick check
@@ -101,18 +99,8 @@ def test_offline_fsck_after_a_crash_leaves_the_quick_check_to_the_mount(make_mou
 @pytest.mark.timeout(150)
 def test_crashtest_script_a_few_cycles(tmp_path):
     """scripts/crashtest.py: SIGKILL under writers, remount, check every promise, fsck clean."""
-    work = tmp_path / "crash"
-    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "crashtest.py"), "--cycles", "3", "--seed", "7",
-           "--workdir", str(work)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=130, env=tempfs_env(),
-                           stdin=subprocess.DEVNULL)
-    finally:
-        leftovers = fuse_mounts_under(tmp_path)
-        for mp in leftovers:
-            subprocess.run(["fusermount3", "-uz", mp], capture_output=True)
-    assert not leftovers, f"crashtest left mounts behind: {leftovers}"
-    figures = dict(re.findall(r"^(\w+) (\S+) \S+$", r.stdout, re.M))
+    r, figures = run_script("crashtest.py", "--cycles", "3", "--seed", "7", "--workdir", str(tmp_path / "crash"),
+                            tmp_path=tmp_path)
     assert r.returncode == 0, f"exit {r.returncode}\n{tail(r.stdout, 60)}\n{tail(r.stderr, 60)}"
     assert figures.get("cycles") == "3", r.stdout
     assert figures.get("failures") == "0", r.stdout

@@ -3,11 +3,11 @@ plaintext; and what tempfs does when someone edits it: EIO and an integrity aler
 data (issue 5)."""
 import errno
 import os
-import sqlite3
 import subprocess
 
 import pytest
 
+from conftest import store_sql
 from tempfs.names import MetadataCipher
 
 MARKERS = [f"PRIVMARK{i:02d}" for i in range(12)]
@@ -62,13 +62,7 @@ def test_no_marker_of_names_targets_xattrs_or_content_reaches_the_store(make_mou
 
 
 def _sql(m, statement: str, args=()) -> list:
-    conn = sqlite3.connect(m.store / "meta.sqlite")
-    try:
-        rows = conn.execute(statement, args).fetchall()
-        conn.commit()
-        return rows
-    finally:
-        conn.close()
+    return store_sql(m.store, statement, args)
 
 
 def _inode_of(path) -> int:

@@ -197,6 +197,8 @@ class BlockStore:
 
     async def _loads_ahead_done(self, inode: int, blocknos: range) -> None:
         """Waits for the loads ahead of these blocks' objects, rather than load them twice."""
+        if not self._loading:  # the common case: nothing is being loaded ahead
+            return
         for blockno in blocknos:
             if (inode, blockno) not in self.dirty:
                 loading = self._loading.get(self._mapped(inode, blockno))

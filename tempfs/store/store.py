@@ -123,7 +123,6 @@ class Store:
             os.close(self._lock_fd)
             raise
         self.lifetimes: dict[str, Optional[int]] = {}
-        self.objects = ObjectFiles(path / "objects", self._object_levels)
         self.blocks = BlockStore(self.db, self.objects, codec, BLOCK_SIZE, dirty_limit, cache_limit, inline_max)
         # STORE/unclean exists while the store is open and goes at a clean close(): found here,
         # the last opener died (SIGKILL, power cut), so the daemon runs the quick check before
@@ -159,14 +158,13 @@ class Store:
             raise WrongKeyError(f"{self.path}: the key does not open this store (wrong key file?)")
         else:
             self.db.migrate(secure_metadata=lambda: self._secure_metadata(codec))
-            try:  # its objects' digests are what later writes deduplicate against
-                codec.use_digest(self.db.get_meta("digest") or "blake2b")  # none: made before BLAKE3
-            except ValueError as e:
-                raise StoreOpenError(f"{self.path / 'meta.sqlite'}: {e} (a newer tempfs?)") from None
-        self._object_levels = self.db.get_meta("object_levels") or 2  # none: made before 1 level
-        if self._object_levels not in (1, 2):
-            raise StoreOpenError(f"{self.path / 'meta.sqlite'}: object folders nested {self._object_levels!r} "
-                                 "levels deep (a newer tempfs?)")
+        # what the store was made with (none recorded: before schema 5): the digest its objects
+        # are deduplicated by, and how deep its object folders nest
+        try:
+            codec.use_digest(self.db.get_meta("digest") or "blake2b")
+            self.objects = ObjectFiles(self.path / "objects", self.db.get_meta("object_levels") or 2)
+        except ValueError as e:
+            raise StoreOpenError(f"{self.path / 'meta.sqlite'}: {e} (a newer tempfs?)") from None
 
     def _secure_metadata(self, codec: ContentCodec) -> None:
         """Migration of a store written before names were encrypted and block map entries and
