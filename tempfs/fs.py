@@ -224,6 +224,11 @@ class TempFS(pyfuse3.Operations):
         inode once the kernel has forgotten it too."""
         if self._opens[ino] > 0:
             return
+        if ino not in self.store.unlinked:  # still named: nothing to free, only our counts
+            if self._lookups[ino] <= 0:
+                self._lookups.pop(ino, None)
+                self._opens.pop(ino, None)
+            return
         try:
             node = self.store.inode(ino)
         except StoreError:
@@ -243,10 +248,10 @@ class TempFS(pyfuse3.Operations):
         """The entry `name` in folder `parent` refers to."""
         if len(name) > NAME_MAX:
             raise FUSEError(errno.ENAMETOOLONG)
-        ino = self.store.lookup(parent, name)
-        if ino is None:
+        node = self.store.named(parent, name)
+        if node is None:
             raise FUSEError(errno.ENOENT)
-        return self.store.inode(ino)
+        return node
 
     @_errors
     async def lookup(self, parent_inode, name, ctx=None):
@@ -610,9 +615,9 @@ class TempFS(pyfuse3.Operations):
 
     def _clear_expired(self, parent: int, name: bytes) -> None:
         """A name past its deadline that the reaper has not reached yet is free for reuse."""
-        ino = self.store.lookup(parent, name)
-        if ino is not None and self._hidden(self.store.inode(ino)):
-            self._expire(ino)
+        node = self.store.named(parent, name)
+        if node is not None and self._hidden(node):
+            self._expire(node.id)
 
     # ---- the filesystem ------------------------------------------------------------------
     @_errors

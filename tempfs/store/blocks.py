@@ -256,13 +256,17 @@ class BlockStore:
             self._clean_bytes -= len(plain)
 
     # ---- writing -------------------------------------------------------------------------
-    async def write(self, inode: int, offset: int, data: bytes, tag: Optional[str] = None) -> None:
-        """Writes into dirty blocks; `tag` names whom they are charged to until stored."""
+    async def write(self, inode: int, offset: int, data: bytes, tag: Optional[str] = None,
+                    size: Optional[int] = None) -> None:
+        """Writes into dirty blocks; `tag` names whom they are charged to until stored. `size`,
+        the file's size before the write, spares reading back the blocks wholly past it (which
+        truncation and deletion leave unmapped)."""
         pos = 0
         while pos < len(data):
             blockno, start = divmod(offset + pos, self.block_size)
             n = min(self.block_size - start, len(data) - pos)
-            block = await self._dirty_block(inode, blockno, (start == 0 and n == self.block_size), tag)
+            past_end = size is not None and blockno * self.block_size >= size
+            block = await self._dirty_block(inode, blockno, past_end or (start == 0 and n == self.block_size), tag)
             buf = block.data
             if len(buf) < start:
                 buf.extend(bytes(start - len(buf)))
@@ -270,7 +274,9 @@ class BlockStore:
             block.version += 1
             pos += n
 
-    async def _dirty_block(self, inode: int, blockno: int, whole: bool, tag: Optional[str]) -> DirtyBlock:
+    async def _dirty_block(self, inode: int, blockno: int, fresh: bool, tag: Optional[str]) -> DirtyBlock:
+        """The dirty block `blockno`, made from its stored content unless `fresh` (nothing of
+        that content survives the write)."""
         key = (inode, blockno)
         while True:
             block = self.dirty.get(key)
@@ -280,10 +286,12 @@ class BlockStore:
                 self._flush_wanted.set()
                 await self._room_lot.park()
                 continue
-            mapped = self._mapped(inode, blockno)
-            base = b"" if whole else (await self._blocks(inode, range(blockno, blockno + 1)))[0]
-            if key in self.dirty or self._mapped(inode, blockno) != mapped:
-                continue  # written, flushed or truncated while we read: the base is stale
+            base = b""
+            if not fresh:
+                mapped = self._mapped(inode, blockno)
+                base = (await self._blocks(inode, range(blockno, blockno + 1)))[0]
+                if key in self.dirty or self._mapped(inode, blockno) != mapped:
+                    continue  # written, flushed or truncated while we read: the base is stale
             block = DirtyBlock(bytearray(base), tag)
             self.dirty[key] = block
             self.dirty_bytes += self.block_size

@@ -99,6 +99,8 @@ _S_IFMT = 0o170000  # the file-type bits of st_mode
 _INODE_COLUMNS = ("id, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, target, "
                   "policy, expires_ns, stored_bytes")
 _INODE_QUERY = f"SELECT {_INODE_COLUMNS} FROM inodes WHERE id=?"
+_NAMED_QUERY = (f"SELECT {', '.join('i.' + c for c in _INODE_COLUMNS.split(', '))} FROM entries e "
+                "JOIN inodes i ON i.id = e.inode WHERE e.parent=? AND e.name=?")
 _SETTABLE = {"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns"}
 
 
@@ -123,6 +125,9 @@ class Store:
             os.close(self._lock_fd)
             raise
         self.lifetimes: dict[str, Optional[int]] = {}
+        # inodes whose last name went since the store opened: only these can need freeing when
+        # the kernel forgets them or they are closed (a superset: a later link() leaves it here)
+        self.unlinked: set[int] = set()
         self.blocks = BlockStore(self.db, self.objects, codec, BLOCK_SIZE, dirty_limit, cache_limit, inline_max)
         # STORE/unclean exists while the store is open and goes at a clean close(): found here,
         # the last opener died (SIGKILL, power cut), so the daemon runs the quick check before
@@ -233,18 +238,26 @@ class Store:
         row = self.db.one_cached(_INODE_QUERY, (ino,))
         if row is None:
             raise StoreError(errno.ENOENT)
+        return self._inode_of(row)
+
+    def _inode_of(self, row: tuple) -> Inode:
         node = Inode(*row)
         if node.target is not None:
             try:
-                node.target = self.names.plain_target(ino, node.target)
+                node.target = self.names.plain_target(node.id, node.target)
             except IntegrityError:
-                raise DamagedMetadata(ino, "the symlink target") from None
+                raise DamagedMetadata(node.id, "the symlink target") from None
         return node
 
     def lookup(self, parent: int, name: bytes) -> Optional[int]:
         row = self.db.one_cached("SELECT inode FROM entries WHERE parent=? AND name=?",
                                  (parent, self.names.name(parent, name)))
         return None if row is None else row[0]
+
+    def named(self, parent: int, name: bytes) -> Optional[Inode]:
+        """The inode the entry `name` of folder `parent` refers to (lookup and inode in one query)."""
+        row = self.db.one_cached(_NAMED_QUERY, (parent, self.names.name(parent, name)))
+        return None if row is None else self._inode_of(row)
 
     def children(self, parent: int, after: int = 0, limit: int = 1000) -> list[tuple[int, bytes, int]]:
         """(entry id, name, inode) of a folder's entries past readdir offset `after`."""
@@ -281,21 +294,23 @@ class Store:
              rdev: int = 0, target: Optional[bytes] = None, kind: int = Kind.FREE) -> Inode:
         """Creates a new inode named `name` in folder `parent`."""
         folder = self._folder(parent)
-        if self.lookup(parent, name) is not None:
+        if self.named(parent, name) is not None:  # the kernel's lookup just asked the same
             raise StoreError(errno.EEXIST)
         now = self.clock()
         is_dir = stat.S_ISDIR(mode)
         area = folder.area if folder.area is not None else name.decode(errors="surrogateescape")
         size = len(target) if target is not None else 0
-        ino = self.db.execute(
+        row = self.db.one(
             "INSERT INTO inodes(mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, "
-            "policy, life_ns, used_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"policy, life_ns, used_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_INODE_COLUMNS}",
             (mode, uid, gid, size, 2 if is_dir else 1, rdev, now, now, now, kind, area,
-             folder.policy, self.lifetimes.get(folder.policy), now)).lastrowid
+             folder.policy, self.lifetimes.get(folder.policy), now))
+        node = Inode(*row)
         if target is not None:  # sealed to its inode, whose number exists only now
-            self.db.execute("UPDATE inodes SET target=? WHERE id=?", (self.names.target(ino, target), ino))
-        self._add_entry(parent, name, ino, now, dir_delta=int(is_dir))
-        return self.inode(ino)
+            self.db.execute("UPDATE inodes SET target=? WHERE id=?", (self.names.target(node.id, target), node.id))
+            node.target = target
+        self._add_entry(parent, name, node.id, now, dir_delta=int(is_dir))
+        return node
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
         node = self.inode(ino)
@@ -313,19 +328,18 @@ class Store:
 
     def unlink(self, parent: int, name: bytes, *, want_dir: bool) -> Inode:
         """Removes a name (rmdir when `want_dir`); returns the inode with its new link count."""
-        ino = self.lookup(parent, name)
-        if ino is None:
+        node = self.named(parent, name)
+        if node is None:
             raise StoreError(errno.ENOENT)
-        node = self.inode(ino)
         if want_dir and not node.is_dir:
             raise StoreError(errno.ENOTDIR)
         if not want_dir and node.is_dir:
             raise StoreError(errno.EISDIR)
-        if node.is_dir and self.children(ino, limit=1):
+        if node.is_dir and self.children(node.id, limit=1):
             raise StoreError(errno.ENOTEMPTY)
         now = self.clock()
         self._remove_entry(parent, name, node, now)
-        return self.inode(ino)
+        return self.inode(node.id)
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, *,
                noreplace: bool = False, exchange: bool = False) -> Optional[Inode]:
@@ -419,6 +433,7 @@ class Store:
         self.discard_content(node)
         # with no deadline it leaves the reaper's index, waiting only for the kernel to forget it
         self.db.execute("UPDATE inodes SET nlink=0, life_ns=NULL, ttl_deadline_ns=NULL WHERE id=?", (ino,))
+        self.unlinked.add(ino)
         if node.is_dir:
             for parent, _name in names:
                 self.db.execute("UPDATE inodes SET nlink=nlink-1 WHERE id=?", (parent,))
@@ -471,6 +486,8 @@ class Store:
         self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, self.names.name(parent, name)))
         nlink = 0 if node.is_dir else node.nlink - 1
         self.db.execute("UPDATE inodes SET nlink=?, ctime_ns=? WHERE id=?", (nlink, now, node.id))
+        if nlink == 0:
+            self.unlinked.add(node.id)
         self._touch_folder(parent, now, -int(node.is_dir))
 
     def _touch_folder(self, ino: int, now: int, nlink_delta: int) -> None:
@@ -482,6 +499,7 @@ class Store:
         self.blocks.drop_after(ino, 0)
         self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
         self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+        self.unlinked.discard(ino)
 
     def _purge_unlinked(self) -> None:
         """At open, no kernel holds a reference any more: inodes without a name can go."""
@@ -540,7 +558,7 @@ class Store:
         node = self.inode(ino)
         if offset > node.size:
             await self.blocks.cut_tail(ino, node.size, node.area)
-        await self.blocks.write(ino, offset, data, node.area)
+        await self.blocks.write(ino, offset, data, node.area, size=node.size)
         now = self.clock()
         self.db.execute("UPDATE inodes SET size=max(size, ?), mtime_ns=?, ctime_ns=? WHERE id=?",
                         (offset + len(data), now, now, ino))
