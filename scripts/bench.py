@@ -9,7 +9,8 @@
         sets up, in one run, a plain folder, a bindfs mount, a gocryptfs mount and a fresh tempfs
         mount (all under --base, on the same disk), runs the set on each in turn, repeats it, and
         prints a table with tempfs's ratio to each peer (ratios are taken within each repeat).
-        Every mount and daemon it started is torn down at the end, whatever happens.
+        Every mount and daemon it started is torn down at the end, whatever happens. `pymem`
+        (scripts/memfs.py) adds the ceiling of a pyfuse3 filesystem that does no work.
 
 Needs root (drop_caches, mounts), fuse3; bindfs, gocryptfs and fio from Debian
 (`apt-get install -y bindfs gocryptfs fio`). Random 4 KiB I/O uses fio when it is installed
@@ -48,6 +49,9 @@ SMALL_FILES = 5000
 TAR_FILES = 10_000
 WORKLOADS = ("seq", "rand", "compressible", "small", "tar", "vision")
 FS_KINDS = ("plain", "bindfs", "gocryptfs", "tempfs")
+# on request only: scripts/memfs.py, a pyfuse3 filesystem in dicts, doing no work: how fast any
+# filesystem served by pyfuse3's request loop can be here (the ceiling tempfs works under)
+EXTRA_KINDS = ("pymem",)
 POOL = 64 * MiB  # content is cut from a pool and stamped every 4 KiB, so no two 4 KiB pieces are equal
 
 
@@ -579,7 +583,7 @@ def _fuse_mounted(path: Path) -> bool:
 
 @dataclass
 class FS:
-    kind: str                        # plain, bindfs, gocryptfs or tempfs
+    kind: str                        # plain, bindfs, gocryptfs, tempfs or pymem
     root: Path                       # where the workloads run
     mountpoint: Optional[Path] = None
     proc: Optional[subprocess.Popen] = None
@@ -637,6 +641,8 @@ def setup(spec: str, base: Path, python: str, tempfs_repo: Path) -> FS:
                        check=True, capture_output=True)
         _start(fs, ["gocryptfs", "-fg", "-q", "-passfile", str(passfile), str(cipher), str(mnt)])
         fs.stored = lambda: apparent_bytes(cipher)
+    elif kind == "pymem":
+        _start(fs, [python, str(REPO / "scripts" / "memfs.py"), str(mnt)])
     elif kind == "tempfs":
         keys = here / "keys"
         keys.mkdir(mode=0o700)
@@ -938,7 +944,7 @@ def main() -> int:
     c = sub.add_parser("compare", parents=[common], help="plain, bindfs, gocryptfs and tempfs, side by side")
     c.add_argument("--repeat", type=int, default=2)
     c.add_argument("--fs", type=lambda s: [x for x in s.split(",") if x], default=list(FS_KINDS),
-                   help="comma-separated subset of " + ",".join(FS_KINDS) + "; tempfs@DIR mounts the tempfs "
+                   help="comma-separated subset of " + ",".join(FS_KINDS + EXTRA_KINDS) + "; tempfs@DIR mounts the tempfs "
                    "of source tree DIR (several may be compared; the first tempfs is the subject of the ratios)")
     c.add_argument("--base", default="/var/tmp", help="where the folders and mounts are made (same disk for all)")
     c.add_argument("--python", default=sys.executable, help="the Python that runs tempfs")
@@ -950,7 +956,7 @@ def main() -> int:
     c.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
     if args.command == "compare":
-        bad = {spec.partition("@")[0] for spec in args.fs} - set(FS_KINDS)
+        bad = {spec.partition("@")[0] for spec in args.fs} - set(FS_KINDS + EXTRA_KINDS)
         if bad:
             parser.error(f"unknown filesystems {sorted(bad)}")
     return cmd_run(args) if args.command == "run" else cmd_compare(args)

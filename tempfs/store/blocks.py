@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 FLUSH_AGE = 2.0          # seconds a block may stay dirty when there is no pressure
 FLUSH_PARALLELISM = 3    # batches sealed at once (2 cores, plus disk waits)
 FLUSH_BATCH = 8          # blocks per trip to a worker thread: a trip costs ~0.2 ms
-INLINE_MAX = 16 * 1024   # sealed objects up to this size live in the metadata, not in files
+INLINE_MAX = 32 * 1024   # sealed objects up to this size live in the metadata, not in files
 READAHEAD_BLOCKS = 8     # blocks loaded ahead of a reader that reads a file in order
 READAHEAD_PARALLELISM = 4
 READERS_TRACKED = 1024   # files whose next block in order is remembered
@@ -317,8 +317,8 @@ class BlockStore:
         if self.dirty_by_inode[inode]:
             for key in [k for k in self.dirty if k[0] == inode and k[1] >= first]:
                 self._discard_dirty(key)
-        rows = self.db.execute("SELECT object FROM blocks WHERE inode=? AND blockno>=?", (inode, first)).fetchall()
-        self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno>=?", (inode, first))
+        rows = self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno>=? RETURNING object",
+                               (inode, first)).fetchall()
         for (object_id,) in rows:
             self._decref(object_id)
 
@@ -411,39 +411,43 @@ class BlockStore:
                 self._seal_and_write_many, [(object_id, plain, digest) for digest, (object_id, plain) in new.items()])
         finally:
             self.in_flight -= ids
+        added: dict[bytes, int] = {}  # digest -> the object this batch stored for it
         try:
             for digest, (object_id, plain), (stored_size, wrapped_key, inline) in zip(new, new.values(), written):
-                if self._object_of(digest) is not None:  # a concurrent batch stored it first
-                    self.objects.remove(object_id)
+                if not self.db.execute(
+                        "INSERT INTO objects(id, digest, refcount, plain_size, stored_size, wrapped_key, data) "
+                        "VALUES (?, ?, 0, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        (object_id, digest, len(plain), stored_size, wrapped_key, inline)).rowcount:
+                    self.objects.remove(object_id)  # a concurrent batch stored the same content first
                     continue
-                self.db.execute("INSERT INTO objects(id, digest, refcount, plain_size, stored_size, wrapped_key, data) "
-                                "VALUES (?, ?, 0, ?, ?, ?, ?)",
-                                (object_id, digest, len(plain), stored_size, wrapped_key, inline))
+                added[digest] = object_id
         except sqlite3.Error:  # e.g. another process holds the database: the blocks stay dirty
             for object_id, _ in new.values():  # the files no row refers to go (else fsck's orphans)
                 with contextlib.suppress(sqlite3.Error):
                     if self.db.one("SELECT 1 FROM objects WHERE id=?", (object_id,)) is None:
                         self.objects.remove(object_id)
             raise
-        for claim in claimed:
-            self._settle(claim)
-        for object_id, _ in new.values():
-            self._drop_if_unreferenced(object_id)
+        referenced = {self._settle(claim, added) for claim in claimed}
+        for object_id in added.values():
+            if object_id not in referenced:  # every block it was made for changed meanwhile
+                self._drop_if_unreferenced(object_id)
 
-    def _settle(self, claim: "_Claim") -> None:
-        """Points the block map at what was stored, if the block is still live."""
+    def _settle(self, claim: "_Claim", added: dict[bytes, int]) -> Optional[int]:
+        """Points the block map at what was stored, if the block is still live; returns the
+        object it now references."""
         if self.dirty.get(claim.key) is not claim.block:  # truncated or deleted meanwhile
-            return
+            return None
         object_id = None
         if claim.digest is not None:
-            object_id = self._object_of(claim.digest)
+            object_id = added.get(claim.digest) or self._object_of(claim.digest)
             if object_id is None:
-                return  # the object it matched lost its last reference meanwhile: flush again later
+                return None  # the object it matched lost its last reference meanwhile: flush again later
             self.db.execute("UPDATE objects SET refcount=refcount+1 WHERE id=?", (object_id,))
         self._map(claim.key, object_id)
         if claim.block.version == claim.version:
             # not kept in the clean cache: the kernel's page cache already holds what was written
             self._discard_dirty(claim.key)
+        return object_id
 
     def _digests(self, plains: list[bytes]) -> list[Optional[bytes]]:
         """The dedup digest of each block, None for an all-zero block (a hole)."""
@@ -484,11 +488,14 @@ class BlockStore:
             self._decref(old)
 
     def _decref(self, object_id: int) -> None:
-        self.db.execute("UPDATE objects SET refcount=refcount-1 WHERE id=?", (object_id,))
-        self._drop_if_unreferenced(object_id)
+        self._drop_if(object_id, self.db.one("UPDATE objects SET refcount=refcount-1 WHERE id=? "
+                                             "RETURNING refcount, data IS NOT NULL", (object_id,)))
 
     def _drop_if_unreferenced(self, object_id: int) -> None:
-        row = self.db.one("SELECT refcount, data IS NOT NULL FROM objects WHERE id=?", (object_id,))
+        self._drop_if(object_id, self.db.one("SELECT refcount, data IS NOT NULL FROM objects WHERE id=?", (object_id,)))
+
+    def _drop_if(self, object_id: int, row: Optional[tuple[int, bool]]) -> None:
+        """Drops an object whose (refcount, is inline) row says nothing references it."""
         if row is not None and row[0] <= 0:
             self.db.execute("DELETE FROM objects WHERE id=?", (object_id,))
             self.db.shred_after_commit()

@@ -19,7 +19,7 @@ import os
 import sqlite3
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -337,9 +337,7 @@ class Store:
             raise StoreError(errno.EISDIR)
         if node.is_dir and self.children(node.id, limit=1):
             raise StoreError(errno.ENOTEMPTY)
-        now = self.clock()
-        self._remove_entry(parent, name, node, now)
-        return self.inode(node.id)
+        return self._remove_entry(parent, name, node, self.clock())
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, *,
                noreplace: bool = False, exchange: bool = False) -> Optional[Inode]:
@@ -360,8 +358,7 @@ class Store:
         if target_ino is not None:
             target = self.inode(target_ino)
             self._check_replace(node, target)
-            self._remove_entry(new_parent, new_name, target, now)
-            replaced = self.inode(target_ino)
+            replaced = self._remove_entry(new_parent, new_name, target, now)
         self.db.execute("UPDATE entries SET parent=?, name=? WHERE parent=? AND name=?",
                         (new_parent, self.names.name(new_parent, new_name), old_parent,
                          self.names.name(old_parent, old_name)))
@@ -482,13 +479,15 @@ class Store:
         for policy, life in lifetimes.items():
             self.db.execute("UPDATE inodes SET life_ns=? WHERE policy=? AND kind=?", (life, policy, Kind.FREE))
 
-    def _remove_entry(self, parent: int, name: bytes, node: Inode, now: int) -> None:
+    def _remove_entry(self, parent: int, name: bytes, node: Inode, now: int) -> Inode:
+        """Removes one name of `node`; returns the node with its new link count."""
         self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, self.names.name(parent, name)))
         nlink = 0 if node.is_dir else node.nlink - 1
         self.db.execute("UPDATE inodes SET nlink=?, ctime_ns=? WHERE id=?", (nlink, now, node.id))
         if nlink == 0:
             self.unlinked.add(node.id)
         self._touch_folder(parent, now, -int(node.is_dir))
+        return replace(node, nlink=nlink, ctime_ns=now)
 
     def _touch_folder(self, ino: int, now: int, nlink_delta: int) -> None:
         self.db.execute("UPDATE inodes SET nlink=nlink+?, mtime_ns=?, ctime_ns=? WHERE id=?",
