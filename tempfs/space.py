@@ -31,11 +31,14 @@ import trio
 from .codec import SEAL_OVERHEAD
 from .monitor import Monitor
 from .store import Store, StoreError
+from .store.objects import FREE_MAX
+from .store.store import BLOCK_SIZE
 
 
 PRIORITY_FIRST = ("cleanup", "cache")        # the seed's order: what is cheapest to lose goes first
 PRIORITY_LAST = ("sessions", "processing")   # work in progress goes last
 PROBE_INTERVAL = 1.0   # seconds a free-space reading is trusted (admitted writes are subtracted)
+FREE_FILES_BYTES = FREE_MAX * (BLOCK_SIZE + SEAL_OVERHEAD)  # the most dead objects' files kept for reuse hold
 WATCH_INTERVAL = 2.0   # how often the floor is checked when nobody writes
 COMPLAIN_INTERVAL = 60.0
 LRU_BATCH = 64
@@ -161,8 +164,12 @@ class Space:
         return self._probed_free - self._pending_at_probe - self._admitted_since_probe
 
     def _probe(self) -> None:
-        st = os.statvfs(self.store.path)
-        self._probed_free = st.f_bavail * st.f_frsize
+        self._probed_free = _available(self.store.path)
+        if self.min_free:  # near the floor, the disk needs the room that dead objects' files hold
+            short = self._probed_free < self.min_free + FREE_FILES_BYTES
+            self.store.objects.keep_free = not short
+            if short and self.store.objects.drop_free():
+                self._probed_free = _available(self.store.path)
         self._probed_at = time.monotonic()
         self._pending_at_probe = self.store.blocks.dirty_bytes
         self._admitted_since_probe = 0
@@ -236,3 +243,8 @@ class Space:
                                    area=area, used_bytes=used, limit_bytes=limit)
             else:
                 self.monitor.clear(f"capacity:{area}")
+
+
+def _available(path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize

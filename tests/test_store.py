@@ -19,6 +19,7 @@ from tempfs.codec import MASTER_KEY_BYTES, ContentCodec, IntegrityError
 from tempfs.layout import Kind
 from tempfs.store import (ROOT_INODE, BlockReadError, DamagedMetadata, Store, StoreError, StoreLockedError,
                           StoreOpenError, WrongKeyError)
+from tempfs.store.check import check_store
 from tempfs.store.db import SCHEMA_VERSION
 from tempfs.store.store import BLOCK_SIZE, MAX_FILE_SIZE
 
@@ -669,6 +670,62 @@ async def test_dedup_and_deletion_of_objects(opener):
     opener.close(store)
     store = opener()
     assert objects_rows(store) == 0 and object_files(store) == set()
+
+
+@trio_test
+async def test_dead_object_files_are_rewritten_for_new_objects(opener):
+    """A deleted object's file waits in objects/free/ and becomes the next object's file: the
+    new content reads back, nothing of the old is left, and a reopened store keeps the pool."""
+    store = opener(cache_limit=0)
+    d = leaf(store)
+    old, new = random.Random(1).randbytes(2 * BLOCK_SIZE), random.Random(2).randbytes(BLOCK_SIZE + 50)
+    f = new_file(store, d, b"old")
+    await store.write(f, 0, old)
+    await store.sync()
+    store.remove_inode(store.unlink(d, b"old", want_dir=False).id)
+    await store.commit()
+    free = store.path / "objects" / "free"
+    kept = {p.stat().st_ino for p in free.iterdir()}
+    assert len(kept) == 2 and object_files(store) == set()
+
+    g = new_file(store, d, b"new")
+    await store.write(g, 0, new)  # one whole block (a file), one tail of 50 bytes (inline)
+    await store.sync()
+    assert object_files(store) == object_ids(store) - {oid for (oid,) in store.db.execute(
+        "SELECT id FROM objects WHERE data IS NOT NULL")}
+    reused = {store.objects.path(oid).stat().st_ino for oid in object_files(store)}
+    assert reused <= kept and len(list(free.iterdir())) == 1
+    assert await store.read(g, 0, 4 * BLOCK_SIZE) == new
+    opener.close(store)
+    store = opener(cache_limit=0)
+    assert len(store.objects._free) == 1  # noqa: SLF001 (the pool a reopened store starts with)
+    assert await store.read(g, 0, 4 * BLOCK_SIZE) == new
+    report = await check_store(store, repair=False, verify_content=True)
+    assert report.clean and report.warnings == []  # the free files are not strays
+
+
+def test_a_free_file_that_is_a_link_is_not_written_through(opener, tmp_path):
+    """objects/free/ is in the (untrusted) store folder: a symlink or a hard link planted there
+    must not make the daemon write to the file it points at."""
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious")
+    store = opener(cache_limit=0)
+    opener.close(store)
+    free = opener.path / "objects" / "free"
+    free.mkdir(parents=True, exist_ok=True)
+    (free / "a").symlink_to(target)
+    os.link(target, free / "b")
+    store = opener(cache_limit=0)
+    data = random.Random(5).randbytes(3 * BLOCK_SIZE)
+
+    async def write():
+        f = new_file(store, leaf(store), b"f")
+        await store.write(f, 0, data)
+        await store.sync()
+        return await store.read(f, 0, 3 * BLOCK_SIZE)
+    assert run(write) == data
+    assert target.read_bytes() == b"precious" and target.stat().st_nlink == 1
+    assert list(free.iterdir()) == []
 
 
 _CRASH_SCRIPT = """

@@ -49,7 +49,7 @@ from typing import Callable, Iterator, Optional
 import trio
 
 from ..codec import IntegrityError
-from .objects import shards
+from .objects import FREE_FOLDER, shards
 from .store import DAMAGED_NAME, ROOT_INODE, Store
 
 log = logging.getLogger(__name__)
@@ -623,6 +623,8 @@ def _list_object_files(root: Path, levels: int) -> tuple[dict[int, int], list[st
     strays: list[str] = []
     for folder, _subfolders, names in os.walk(root):
         parts = Path(folder).relative_to(root).parts
+        if parts[:1] == (FREE_FOLDER,):
+            continue  # dead objects' files, kept to be rewritten
         for name in names:
             path = os.path.join(folder, name)
             try:
