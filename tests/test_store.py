@@ -15,6 +15,7 @@ import time
 import pytest
 import trio
 
+from conftest import run_script
 from tempfs.codec import MASTER_KEY_BYTES, ContentCodec, IntegrityError
 from tempfs.layout import Kind
 from tempfs.store import (ROOT_INODE, BlockReadError, DamagedMetadata, Store, StoreError, StoreLockedError,
@@ -726,6 +727,15 @@ def test_a_free_file_that_is_a_link_is_not_written_through(opener, tmp_path):
     assert run(write) == data
     assert target.read_bytes() == b"precious" and target.stat().st_nlink == 1
     assert list(free.iterdir()) == []
+
+
+def test_the_store_benchmark_measures_each_workload_and_leaves_nothing(tmp_path):
+    r, figures = run_script("bench_store.py", "--size", "8M", "--dir", str(tmp_path), tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for name in ("fresh", "text", "overwrite"):
+        assert float(figures[f"{name}_seconds"]) > 0 and float(figures[f"{name}_cpu"]) > 0
+        assert float(figures[f"{name}_rate"]) > 0
+    assert list(tmp_path.iterdir()) == []
 
 
 _CRASH_SCRIPT = """
