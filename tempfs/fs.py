@@ -224,15 +224,12 @@ class TempFS(pyfuse3.Operations):
         inode once the kernel has forgotten it too."""
         if self._opens[ino] > 0:
             return
-        if ino not in self.store.unlinked:  # still named: nothing to free, only our counts
-            if self._lookups[ino] <= 0:
-                self._lookups.pop(ino, None)
-                self._opens.pop(ino, None)
-            return
-        try:
-            node = self.store.inode(ino)
-        except StoreError:
-            node = None
+        node = None
+        if ino in self.store.unlinked:  # a named inode has nothing to free: no query for it
+            try:
+                node = self.store.inode(ino)
+            except StoreError:
+                pass
         if self._lookups[ino] > 0:
             if node is not None and node.nlink == 0:
                 self.store.discard_content(node)

@@ -31,14 +31,12 @@ import trio
 from .codec import SEAL_OVERHEAD
 from .monitor import Monitor
 from .store import Store, StoreError
-from .store.objects import FREE_MAX
-from .store.store import BLOCK_SIZE
+from .store.store import FREE_FILES_BYTES
 
 
 PRIORITY_FIRST = ("cleanup", "cache")        # the seed's order: what is cheapest to lose goes first
 PRIORITY_LAST = ("sessions", "processing")   # work in progress goes last
 PROBE_INTERVAL = 1.0   # seconds a free-space reading is trusted (admitted writes are subtracted)
-FREE_FILES_BYTES = FREE_MAX * (BLOCK_SIZE + SEAL_OVERHEAD)  # the most dead objects' files kept for reuse hold
 WATCH_INTERVAL = 2.0   # how often the floor is checked when nobody writes
 COMPLAIN_INTERVAL = 60.0
 LRU_BATCH = 64
@@ -167,8 +165,7 @@ class Space:
         self._probed_free = _available(self.store.path)
         if self.min_free:  # near the floor, the disk needs the room that dead objects' files hold
             short = self._probed_free < self.min_free + FREE_FILES_BYTES
-            self.store.objects.keep_free = not short
-            if short and self.store.objects.drop_free():
+            if self.store.keep_free_files(not short):
                 self._probed_free = _available(self.store.path)
         self._probed_at = time.monotonic()
         self._pending_at_probe = self.store.blocks.dirty_bytes

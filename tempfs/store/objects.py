@@ -40,7 +40,7 @@ class ObjectFiles:
         self._unsynced: set[int] = set()
         self._lock = threading.Lock()  # writes run in worker threads
         self._free_folder = root / FREE_FOLDER
-        self.keep_free = True  # the space layer turns it off while the disk nears its floor
+        self.keep_free = True  # off while the disk nears its floor (Store.keep_free_files)
         try:  # left by the last daemon
             self._free = sorted(self._free_folder.iterdir())[:FREE_MAX]
         except FileNotFoundError:

@@ -25,12 +25,12 @@ from typing import Callable, Iterable, Optional
 
 import trio
 
-from ..codec import ContentCodec, IntegrityError
+from ..codec import SEAL_OVERHEAD, ContentCodec, IntegrityError
 from ..layout import Kind
 from ..names import MetadataCipher
 from .blocks import INLINE_MAX, BlockStore
 from .db import Database
-from .objects import ObjectFiles
+from .objects import FREE_MAX, ObjectFiles
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ ROOT_INODE = 1
 BLOCK_SIZE = 128 * 1024
 COMMIT_INTERVAL = 1.0
 MAX_FILE_SIZE = 2**63 - 1
+FREE_FILES_BYTES = FREE_MAX * (BLOCK_SIZE + SEAL_OVERHEAD)  # the most dead objects' files kept for reuse hold
 UNCLEAN_MARK = "unclean"  # present while a daemon has the store open (see Store.__init__)
 DAMAGED_NAME = "<damaged name>"  # shown for a name that fails authentication
 
@@ -218,6 +219,12 @@ class Store:
             await trio.to_thread.run_sync(self.objects.sync)
         if durable or self.db.dirty:
             await trio.to_thread.run_sync(self.db.commit_deferred(durable))
+
+    def keep_free_files(self, keep: bool) -> bool:
+        """Whether dead objects' files are kept to be rewritten (up to FREE_FILES_BYTES); turning
+        it off deletes those kept. True if that freed any."""
+        self.objects.keep_free = keep
+        return not keep and self.objects.drop_free() > 0
 
     def commit_now(self) -> None:
         """Commits from synchronous code (opening, laying out the tree, tools)."""
