@@ -18,8 +18,8 @@ Each cycle:
  2. SIGKILLs the daemon at a random moment (0.3 .. 4 s), detaches the dead mount
     (fusermount3 -uz), lets the writers fail and exit;
  3. copies the store as the kill left it and runs `tempfs fsck --quick --no-repair` on the
-    copy: the only problem allowed is object files no metadata refers to (orphans: an object
-    written, its row not yet committed; or a row deleted, its file not yet removed); anything
+    copy: the only problem allowed is packs (or object files) no metadata refers to (orphans:
+    objects appended, their rows not yet committed; or rows deleted, the pack not yet removed); anything
     else would mean a commit caught half an operation;
  4. mounts again: the daemon must run the quick check (the store was not closed cleanly),
     which removes those orphans;
@@ -48,6 +48,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -68,6 +69,7 @@ WRITER_LIMIT = 120.0          # a writer gives up after this long, whatever happ
 RAND_FILE_SIZE = 4 * 1024 * 1024
 SEQ_FILE_MAX = 24 * 1024 * 1024
 QUICK_CHECK_LINE = "quick store check after an unclean shutdown:"
+_ORPHANS = re.compile(r"(\d+) (?:object files|packs) \(\d+ bytes\) (?:belong to no object|hold no live object)")
 CONFIG = """\
 # crashtest: dirty data is flushed under pressure often, and processing/ has room
 [memory]
@@ -631,10 +633,10 @@ class Harness:
             code, report = self.fsck(snap, "--quick")
         finally:
             shutil.rmtree(snap, ignore_errors=True)
-        others = [line for line in report["damaged"] if "belong to no object" not in line]
-        for line in report["damaged"]:
-            if "belong to no object" in line:
-                self.figures["orphans_after_kill"] += int(line.split(" object files")[0].split()[-1])
+        orphans = [m for m in map(_ORPHANS.search, report["damaged"]) if m]
+        others = [line for line in report["damaged"] if not _ORPHANS.search(line)]
+        for match in orphans:
+            self.figures["orphans_after_kill"] += int(match[1])
         if others or report["repaired"]:
             self.fail(f"cycle {cycle}: the store as the kill left it has more than orphans: "
                       f"damaged={others} repaired={report['repaired']}")

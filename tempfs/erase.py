@@ -7,8 +7,8 @@ Guarantees:
 - A matching folder goes with everything in it.
 - When `erase` returns, the removal is durable and the content is shredded: tempfs frees a
   removed file's content as soon as it is closed and unnamed, and the final fsync of the mount's
-  root commits it, removes the object files and checkpoints the metadata so the object keys do
-  not survive in it. An entry still open by a program keeps its content until closed; the
+  root commits it, deletes the packs it emptied and checkpoints the metadata so the object keys
+  do not survive in it (what is left of the content in other packs cannot be decrypted). An entry still open by a program keeps its content until closed; the
   report lists it.
 - The report holds names and sizes, never content.
 """

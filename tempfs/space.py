@@ -31,7 +31,6 @@ import trio
 from .codec import SEAL_OVERHEAD
 from .monitor import Monitor
 from .store import Store, StoreError
-from .store.store import FREE_FILES_BYTES
 
 
 PRIORITY_FIRST = ("cleanup", "cache")        # the seed's order: what is cheapest to lose goes first
@@ -163,10 +162,6 @@ class Space:
 
     def _probe(self) -> None:
         self._probed_free = _available(self.store.path)
-        if self.min_free:  # near the floor, the disk needs the room that dead objects' files hold
-            short = self._probed_free < self.min_free + FREE_FILES_BYTES
-            if self.store.keep_free_files(not short):
-                self._probed_free = _available(self.store.path)
         self._probed_at = time.monotonic()
         self._pending_at_probe = self.store.blocks.dirty_bytes
         self._admitted_since_probe = 0
@@ -182,8 +177,15 @@ class Space:
                                f"its floor is {self.min_free} and nothing more may be evicted")
 
     async def free_disk(self, wanted: int) -> int:
-        """Evicts closed files, area by area in priority order, until `wanted` stored bytes are
-        freed or nothing more may go; returns the bytes freed."""
+        """Gives the disk back the dead objects' bytes in packs; then, if that was not `wanted`
+        bytes, evicts closed files, area by area in priority order, until `wanted` stored bytes
+        are freed or nothing more may go; returns the bytes freed."""
+        free = self.free_bytes()
+        if await self.store.reclaim_disk():
+            self._probe()
+            wanted -= self.free_bytes() - free
+            if wanted <= 0:
+                return 0
         freed = 0
         for area in self.order():
             evicted = 0
@@ -197,7 +199,8 @@ class Space:
                 self.monitor.event("evicted", f"evicted {evicted} files: the disk under the store is below "
                                    "its floor", area=area, count=evicted, min_free_bytes=self.min_free)
         if freed:
-            await self.store.commit()  # the object files go once the commit lands
+            await self.store.commit()  # emptied packs go once the commit lands
+            await self.store.reclaim_disk()  # and the dead objects in the others
             self._probe()
         return freed
 

@@ -26,6 +26,7 @@ from tempfs.names import MetadataCipher
 from tempfs.store import BlockReadError, Store, check
 from tempfs.store.check import CheckReport, check_store
 from tempfs.store.objects import ObjectFiles
+from tempfs.store.packs import PackFiles
 from tempfs.store.store import BLOCK_SIZE
 
 UID, GID = os.getuid(), os.getgid()
@@ -83,8 +84,24 @@ class Built:
         return MetadataCipher(ContentCodec(self.key).metadata_key).name(parent, name)
 
     def object_path(self, object_id: int) -> Path:
+        """The file an object would have of its own (stores before schema 6)."""
         (levels,), = self.sql("SELECT value FROM meta WHERE key='object_levels'")
         return ObjectFiles(self.path / "objects", levels).path(object_id)
+
+    def stored_at(self, object_id: int) -> tuple[Path, int, int]:
+        """The pack holding an object, and its offset and size there."""
+        (pack, offset, size), = self.sql("SELECT pack, offset, stored_size FROM objects WHERE id=?", (object_id,))
+        return self.path / "packs" / f"{pack:016x}", offset, size
+
+    def sealed(self, object_id: int) -> bytes:
+        path, offset, size = self.stored_at(object_id)
+        return path.read_bytes()[offset:offset + size]
+
+    def put_sealed(self, object_id: int, sealed: bytes) -> None:
+        path, offset, _size = self.stored_at(object_id)
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(sealed)
 
     def fsck(self, *args: str):
         return run_tempfs("fsck", *args, cwd=self.root, env={"TEMPFS_ROOT": str(self.root)})
@@ -193,9 +210,9 @@ def test_a_store_left_by_a_mount_is_clean(make_mount):
 
 # ---- damage that cannot be repaired -------------------------------------------------------
 
-def test_missing_object_file_is_damage_naming_the_file(built):
+def test_a_missing_pack_is_damage_naming_the_files(built):
     object_id = built.object_of("f", 2)
-    built.object_path(object_id).unlink()
+    built.stored_at(object_id)[0].unlink()
     result = built.fsck()
     assert result.returncode == DAMAGED, text(result)
     damaged = result.stdout.split("damaged:")[1]
@@ -203,7 +220,7 @@ def test_missing_object_file_is_damage_naming_the_file(built):
     # nothing was turned into zeros or forgotten: the block still maps to its object
     assert built.object_of("f", 2) == object_id
     assert built.sql("SELECT refcount FROM objects WHERE id=?", (object_id,)) == [(1,)]
-    # --quick sees it too (the file is not there), and a second run still reports it
+    # --quick sees it too (the pack is not there), and a second run still reports it
     assert built.fsck("--quick").returncode == DAMAGED
     again = built.fsck("--json")
     assert again.returncode == DAMAGED
@@ -222,15 +239,14 @@ def test_a_name_moved_to_another_folder_outside_tempfs_is_damage(built):
 def test_corrupted_object_is_damage_naming_every_file_using_it(built):
     shared = built.object_of("f", 0)
     assert built.object_of("g", 0) == shared  # deduplicated
-    path = built.object_path(shared)
-    blob = bytearray(path.read_bytes())
+    blob = bytearray(built.sealed(shared))
     blob[len(blob) // 2] ^= 0x04
-    path.write_bytes(bytes(blob))
+    built.put_sealed(shared, bytes(blob))
     report = check_offline(built)
     assert len(report.damaged) == 1 and report.repaired == []
     line = report.damaged[0]
     assert f"/{LEAF}/f (block 0)" in line and f"/{LEAF}/g (block 0)" in line and "corrupt" in line
-    assert path.read_bytes() == bytes(blob)  # left as it is
+    assert built.sealed(shared) == bytes(blob)  # left as it is
     # the quick check reads no content: same size, so it cannot tell
     assert check_offline(built, verify_content=False).clean
 
@@ -239,7 +255,7 @@ def test_a_corrupted_inline_object_is_damage_naming_its_file(built):
     """A small object lives in its row (objects.data): the check authenticates it there."""
     tail = built.object_of("g", 1)  # g's 5000-byte tail: kept inline
     (blob,), = built.sql("SELECT data FROM objects WHERE id=?", (tail,))
-    assert blob is not None and not built.object_path(tail).exists()
+    assert blob is not None and built.sql("SELECT pack FROM objects WHERE id=?", (tail,)) == [(None,)]
     altered = blob[:-1] + bytes([blob[-1] ^ 0x01])
     built.sql("UPDATE objects SET data=? WHERE id=?", (altered, tail))
     report = check_offline(built)
@@ -255,13 +271,12 @@ def test_block_of_a_missing_object_is_damage_and_stays(built):
     assert result.returncode == DAMAGED, text(result)
     assert f"/{LEAF}/g (block 1): lost, object {object_id:016x} is missing from the object table" in result.stdout
     assert built.object_of("g", 1) == object_id
-    assert not built.object_path(object_id).exists()  # its file, undecryptable without its key, went
     assert built.fsck().returncode == DAMAGED
 
 
 # ---- repairs ------------------------------------------------------------------------------
 
-def test_orphan_object_file_is_removed(built):
+def test_orphan_packs_and_object_files_are_removed(built):
     orphan_id = 0x1234_5678_9ABC_DEF0
     sealed, _wrapped = ContentCodec(built.key).seal(orphan_id, b"written, never committed" * 100)
     orphan = built.object_path(orphan_id)
@@ -269,10 +284,14 @@ def test_orphan_object_file_is_removed(built):
     orphan.write_bytes(sealed)
     stray = built.path / "objects" / "notes.txt"
     stray.write_text("not an object")
+    live = set((built.path / "packs").iterdir())
+    orphan_pack = built.path / "packs" / "0000000000abcdef"  # appended to, never committed
+    orphan_pack.write_bytes(sealed * 2)
     result = built.fsck()
     assert result.returncode == REPAIRED, text(result)
     assert f"1 object files ({len(sealed)} bytes) belonged to no object" in result.stdout
-    assert not orphan.exists()
+    assert f"1 packs ({2 * len(sealed)} bytes) held no live object" in result.stdout
+    assert not orphan.exists() and set((built.path / "packs").iterdir()) == live
     assert "notes.txt: not an object file" in result.stdout and stray.exists()  # reported only
     second = built.fsck()
     assert second.returncode == OK, text(second)
@@ -304,14 +323,12 @@ def test_wrong_refcount_and_counters_are_repaired(built):
 
 def test_unreferenced_object_is_dropped(built):
     object_id = built.object_of("f", 3)
-    path = built.object_path(object_id)
     built.sql("DELETE FROM blocks WHERE inode=? AND blockno=3", (built.inodes["f"],))  # triggers keep counters
     report = check_offline(built)
     assert any(f"object {object_id:016x}" in line and "used by no block" in line and "dropped" in line
                for line in report.repaired), report.repaired
     assert report.damaged == []
     assert built.sql("SELECT COUNT(*) FROM objects WHERE id=?", (object_id,)) == [(0,)]
-    assert not path.exists()
     assert check_offline(built).clean
 
 
@@ -369,7 +386,7 @@ def test_tree_problems_are_repaired(built):
     lost = built.sql("INSERT INTO inodes(mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns, area) "
                      "VALUES (?, 0, 0, 2, 0, 0, 0, 'processing') RETURNING id", (DIR,))[0][0]
     built.sql("UPDATE entries SET parent=?, name=? WHERE inode=?", (lost, built.stored_name(lost, b"g"), built.inodes["g"]))
-    g_objects = {built.object_of("g", 1)}
+    g_objects = {built.object_of("g", 1)}  # its own (its first block is f's)
     result = built.fsck()
     assert result.returncode == REPAIRED, text(result)
     out = result.stdout
@@ -382,8 +399,9 @@ def test_tree_problems_are_repaired(built):
     assert built.sql("SELECT nlink FROM inodes WHERE id IN (?, ?) ORDER BY id", (folder, built.inodes["sub/h"])) \
         == [(3,), (2,)]
     assert built.sql("SELECT COUNT(*) FROM inodes WHERE id IN (?, ?)", (lost, built.inodes["g"])) == [(0,)]
-    assert all(not built.object_path(o).exists() for o in g_objects)  # its content went with it
-    assert built.object_path(built.object_of("f", 0)).exists()        # the block it shared did not
+    assert built.sql(f"SELECT COUNT(*) FROM objects WHERE id IN ({','.join('?' * len(g_objects))})",
+                     tuple(g_objects)) == [(0,)]                          # its content went with it
+    assert built.sealed(built.object_of("f", 0))                         # the block it shared did not
     assert built.fsck().returncode == OK
     store = built.open()
     try:
@@ -417,12 +435,12 @@ def test_no_repair_changes_nothing(built):
 def test_locked_store_is_refused(built):
     store = built.open()  # holds the lock, as a mounted daemon does
     try:
-        before = snapshot(built.path / "objects")
+        before = snapshot(built.path)
         result = built.fsck()
         assert result.returncode == LOCKED, text(result)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "in use" in lines[0]
-        assert snapshot(built.path / "objects") == before
+        assert snapshot(built.path) == before
     finally:
         store.close()
 
@@ -446,24 +464,25 @@ def test_online_check_beside_writes_reports_nothing_and_removes_nothing_in_fligh
     key = os.urandom(MASTER_KEY_BYTES)
     store = open_store(tmp_path / "store", key, dirty_limit=8 * BLOCK_SIZE)
     in_flight_listed, moved = [], []
-    real_write, real_list, real_differ = ObjectFiles.write, check._list_object_files, check._sums_differ
+    real_append, real_list, real_differ = PackFiles.append, PackFiles.sizes, check._sums_differ
 
-    def slow_write(self, object_id, data):  # objects stay in flight, on disk, for a while
-        real_write(self, object_id, data)
+    def slow_append(self, data, stream):  # appends stay unsettled, on disk, for a while
+        where = real_append(self, data, stream)
         time.sleep(0.003)
+        return where
 
-    def listing(root, levels):
-        files, strays = real_list(root, levels)
-        in_flight_listed.append(len(files.keys() & set(store.blocks.in_flight)))
-        return files, strays
+    def listing(self):
+        packs, strays = real_list(self)
+        in_flight_listed.append(sum(1 for p in packs if self.busy(p)))
+        return packs, strays
 
     def sums_differ(*args):  # the totals moved between chunks (the check must confirm, not repair)
         wrong = real_differ(*args)
         moved.append(bool(wrong))
         return wrong
 
-    monkeypatch.setattr(ObjectFiles, "write", slow_write)
-    monkeypatch.setattr(check, "_list_object_files", listing)
+    monkeypatch.setattr(PackFiles, "append", slow_append)
+    monkeypatch.setattr(PackFiles, "sizes", listing)
     monkeypatch.setattr(check, "_sums_differ", sums_differ)
     for name, small in (("OBJECTS_PER_RANGE", 4), ("INODES_PER_CHUNK", 3), ("ENTRIES_PER_CHUNK", 3),
                         ("VERIFY_BATCH", 4), ("ORPHAN_GRACE", 0.01)):  # many chunks: the store changes between them
@@ -477,7 +496,7 @@ def test_online_check_beside_writes_reports_nothing_and_removes_nothing_in_fligh
         assert run(check_store, store).clean
     finally:
         store.close()
-    assert sum(in_flight_listed) > 0, "no check saw an object in flight"
+    assert sum(in_flight_listed) > 0, "no check saw a pack being appended to"
     assert any(moved), "the store never changed between the chunks of a check"
 
 
@@ -553,7 +572,7 @@ async def _deleter(store: Store, folder: int, model: dict[int, bytes], handed: l
 
 
 def test_online_check_drop_during_read_is_not_damage(built, monkeypatch):
-    """An object dropped (and its file removed) while the check reads it is not reported."""
+    """An object dropped while the check reads it is not reported."""
     store = built.open()
     victim = built.inodes["g"]
     real_verify = check._Checker._verify_batch
@@ -583,5 +602,5 @@ def _delete(store: Store, ino: int) -> None:
     stored, parent = store.db.one("SELECT name, parent FROM entries WHERE inode=?", (ino,))
     store.unlink(parent, store.names.plain_name(parent, stored), want_dir=False)
     store.remove_inode(ino)
-    store.commit_now()  # runs the after-commit work: the object file is gone
-    assert not store.objects.path(object_id).exists()
+    store.commit_now()
+    assert store.db.one("SELECT 1 FROM objects WHERE id=?", (object_id,)) is None

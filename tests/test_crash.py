@@ -20,11 +20,10 @@ def _sigkill(m) -> None:
     m.proc.wait(timeout=10)
 
 
-def _plant_orphan(store, object_id: int, size: int = 3000):
-    """An object file that no metadata refers to, as a crash between writing an object and
-    committing its row leaves."""
-    name = f"{object_id:016x}"
-    path = store / "objects" / name[:2] / name  # a store's layout since schema 5
+def _plant_orphan(store, pack_id: int, size: int = 3000):
+    """A pack that no metadata points into, as a crash between appending objects and committing
+    their rows leaves."""
+    path = store / "packs" / f"{pack_id:016x}"  # a store's layout since schema 6
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(os.urandom(size))
     return path
@@ -48,7 +47,7 @@ def test_mount_after_sigkill_runs_the_quick_check_and_removes_orphans(make_mount
     assert QUICK_CHECK in text, tail(text)
     summary = [line for line in text.splitlines() if "quick store check after an unclean shutdown:" in line]
     assert summary and re.search(r"\b1 repaired, 0 damaged\b", summary[-1]), summary
-    assert "1 object files (3000 bytes) belonged to no object" in text, tail(text)
+    assert "1 packs (3000 bytes) held no live object" in text, tail(text)
     assert not orphan.exists()
     assert m.path(UPLOADS, "kept.bin").read_bytes() == data
     last = m.status()["daemon"]["last_check"]
@@ -84,7 +83,7 @@ def test_offline_fsck_after_a_crash_leaves_the_quick_check_to_the_mount(make_mou
     r = run_tempfs("fsck", "--store", m.store, "--key-file", m.key_file, "--config", m.config,
                    "--no-repair", "--quick", cwd=m.base)
     assert r.returncode == 10, r.stdout + r.stderr
-    assert "belong to no object" in r.stdout
+    assert "hold no live object" in r.stdout
     assert orphan.exists()
     m.start()
     assert QUICK_CHECK in m.log.read_text()

@@ -38,7 +38,7 @@ def test_ephemeral_mount_lives_in_memory_and_leaves_nothing(make_mount):
     assert m.path(UPLOADS, "frame.raw").read_bytes() == data
     assert m.status()["daemon"]["key"] == "ephemeral (memory only)"
     assert os.listdir(m.key_dir) == [] and not (m.store / "keyslot.json").exists()
-    assert (m.store / "ephemeral").exists() and files_under(m.store / "objects")
+    assert (m.store / "ephemeral").exists() and files_under(m.store / "packs")
     with open(f"/proc/{m.pid}/limits") as f:
         core = next(line for line in f if line.startswith("Max core file size")).split()[4:6]
     assert core == ["0", "0"]  # no core dump can carry the key to the disk
@@ -60,7 +60,7 @@ def test_after_sigkill_the_next_mount_removes_the_old_content(make_mount, next_m
     fusermount(m.mnt, lazy=True)
     assert not is_tempfs_mounted(m.mnt)
     old = files_under(m.store)
-    assert "ephemeral" in old and any(name.startswith("objects/") for name in old), old
+    assert "ephemeral" in old and any(name.startswith("packs/") for name in old), old
     # unreadable now: fsck says why, and changes nothing
     r = run_tempfs("fsck", "--store", m.store, cwd=m.base)
     assert r.returncode == 4 and "ephemeral" in r.stderr and "key is gone" in r.stderr, r.stderr
@@ -75,7 +75,7 @@ def test_after_sigkill_the_next_mount_removes_the_old_content(make_mount, next_m
     log = m.log_text()
     assert log.count(REMOVED) == 1, tail(log)
     assert os.listdir(m.path(UPLOADS)) == []
-    assert files_under(m.store / "objects") == []
+    assert files_under(m.store / "packs") == []
     m.path(UPLOADS, "new.txt").write_text("a fresh start")
     assert m.path(UPLOADS, "new.txt").read_text() == "a fresh start"
 
@@ -83,12 +83,12 @@ def test_after_sigkill_the_next_mount_removes_the_old_content(make_mount, next_m
 def test_a_store_in_use_is_never_wiped(make_mount):
     m = ephemeral_mount(make_mount)
     write_synced(m.path(UPLOADS, "in-use.raw"), b"x" * 200_000)
-    objects = files_under(m.store / "objects")
+    objects = files_under(m.store / "packs")
     other = without_key_file(make_mount(start=False, name="other"))
     one_line(other.mount_expect_failure("--ephemeral", store=m.store), 5, "in use")
     del other.mount_args
     one_line(other.mount_expect_failure(store=m.store), 5, "in use")
-    assert files_under(m.store / "objects") == objects
+    assert files_under(m.store / "packs") == objects
     assert m.path(UPLOADS, "in-use.raw").read_bytes() == b"x" * 200_000
     assert not other.key_file.exists()
 

@@ -51,10 +51,9 @@ def test_erase_removes_every_match_durably_and_reports_it(mounted):
     assert report["started"] <= report["finished"]
     for rel, data in files.items():
         assert mounted.path(rel).exists() == (SESSION not in rel)
-    # the content is shredded: its objects are gone from the store, and the names from the metadata
+    # the content is shredded: its objects are gone from the metadata (with their keys: what is
+    # left of them in packs cannot be decrypted, test_store), and so are the names
     status = mounted.status()
-    objects = sum(len(f) for _, _, f in os.walk(mounted.base / "store" / "objects"))
-    assert objects == status["total"]["objects"]
     assert status["areas"]["cache"]["stored_bytes"] == 0
     assert f"user_session_{SESSION}".encode() not in store_bytes(mounted)
     assert b"user_session_sess999" not in store_bytes(mounted)  # names are stored encrypted

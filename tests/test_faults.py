@@ -77,8 +77,8 @@ def assert_fsck_clean(m) -> None:
     assert r.returncode == 0, f"fsck exited {r.returncode}:\n{r.stdout}{r.stderr}"
 
 
-def objects_of(store: Path) -> set[Path]:
-    return {p for p in (store / "objects").rglob("*") if p.is_file()}
+def packs_of(store: Path) -> set[Path]:
+    return {p for p in (store / "packs").rglob("*") if p.is_file()}
 
 
 def no_traceback(m) -> None:
@@ -101,14 +101,15 @@ def umount_tmpfs(where: Path) -> None:
 # ------------------------------------------------------------------ under the store
 
 @pytest.mark.parametrize("damage", ["directory", "truncated", "emptied"])
-def test_unreadable_object_file_is_eio_logged_and_the_rest_works(make_mount, damage):
+def test_unreadable_pack_is_eio_logged_and_the_rest_works(make_mount, damage):
     """(A missing or bit-flipped object is test_mount_cli's; chmod 000 means nothing to root.)"""
     m = make_mount()
-    victim, other = m.path(UPLOADS, "victim.bin"), m.path(UPLOADS, "other.bin")
+    # each area appends to packs of its own: the other file's content is not in the victim's
+    victim, other = m.path(UPLOADS, "victim.bin"), m.path("cache/data/other.bin")
     data = {victim: os.urandom(200_000), other: os.urandom(200_000)}
-    before = objects_of(m.store)
+    before = packs_of(m.store)
     synced(victim, data[victim])
-    mine = objects_of(m.store) - before
+    mine = packs_of(m.store) - before
     synced(other, data[other])
     assert mine
     assert m.stop()

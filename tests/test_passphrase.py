@@ -251,7 +251,7 @@ def test_key_file_store_given_a_passphrase_is_refused(make_mount):
 # ------------------------------------------------------------------ passwd
 
 def _objects(store: Path) -> dict:
-    return {str(p.relative_to(store)): p.read_bytes() for p in (store / "objects").rglob("*") if p.is_file()}
+    return {str(p.relative_to(store)): p.read_bytes() for p in (store / "packs").rglob("*") if p.is_file()}
 
 
 def passwd(m, *args, env=None):

@@ -4,6 +4,7 @@ data (issue 5)."""
 import errno
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -122,28 +123,30 @@ def test_a_block_pointed_at_another_files_object_gives_eio_never_the_other_conte
     assert any("victim.bin" in text for text in _alerts(m)), _alerts(m)
 
 
-def _objects(m) -> set:
-    """The object files (not the dead ones kept in objects/free/ for reuse)."""
-    return {p for p in (m.store / "objects").rglob("*") if p.is_file() and p.parent.name != "free"}
+def _synced_append(m, path, data: bytes) -> tuple[Path, int, int]:
+    """Writes and fsyncs `data` over `path`; returns where its object was appended (pack, start, end)."""
+    before = {p: p.stat().st_size for p in (m.store / "packs").rglob("*") if p.is_file()}
+    with open(path, "r+b" if path.exists() else "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    (grown,) = [(p, before.get(p, 0), p.stat().st_size) for p in (m.store / "packs").rglob("*")
+                if p.is_file() and p.stat().st_size != before.get(p, 0)]
+    return grown
 
 
 def test_an_old_object_replayed_over_the_current_one_gives_eio_never_the_old_content(make_mount):
     m = make_mount()
     path = m.path("sessions", "api_sessions", "token.bin")
-    old = os.urandom(40_000)  # too large to be kept inline: an object file (inline: test_store)
-    with open(path, "wb") as f:
-        f.write(old)
-        f.flush()
-        os.fsync(f.fileno())
-    old_objects = _objects(m)
-    replayed = {p: p.read_bytes() for p in old_objects}
-    with open(path, "r+b") as f:  # the file's next version: a new object, the old one goes
-        f.write(os.urandom(40_000))
-        f.flush()
-        os.fsync(f.fileno())
-    (current,) = _objects(m) - old_objects
+    # too large to be kept inline: appended to a pack (inline: test_store)
+    old_pack, old_start, old_end = _synced_append(m, path, os.urandom(40_000))
+    # the file's next version: a new object appended after it, the old one dead
+    pack, start, end = _synced_append(m, path, os.urandom(40_000))
+    assert (pack, start) == (old_pack, old_end) and end - start == old_end - old_start
     assert m.stop()
-    current.write_bytes(next(iter(replayed.values())))  # an attacker puts the old version back
+    raw = bytearray(pack.read_bytes())
+    raw[start:end] = raw[old_start:old_end]  # an attacker puts the old version back
+    pack.write_bytes(bytes(raw))
     m.start()
     with pytest.raises(OSError) as e:
         path.read_bytes()

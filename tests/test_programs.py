@@ -977,7 +977,7 @@ def test_store_holds_no_plaintext(mounted):
     assert mounted.stop(), "unmount was not clean"
     files = [p for p in mounted.store.rglob("*") if p.is_file()]
     assert any(p.name == "meta.sqlite" for p in files)
-    assert any("objects" in p.parts for p in files)
+    assert any("packs" in p.parts for p in files)
     checked = 0
     for p in files:
         data = p.read_bytes()
@@ -1012,10 +1012,9 @@ def test_dedup_same_20mb_in_five_files(mounted, tmp_path):
     assert total["logical_bytes"] >= 5 * 20 * MiB
     assert 19 * MiB <= total["stored_bytes"] <= 26 * MiB, total
     assert mounted.stop()
-    objects = mounted.store / "objects"
-    du = int(sh("du", "-sb", objects).stdout.split()[0])
-    assert du < 30 * MiB, f"objects take {du} bytes"
-    assert du >= 19 * MiB, f"objects take only {du} bytes for 20 MB of random data?"
+    du = int(sh("du", "-sb", mounted.store / "packs").stdout.split()[0])
+    assert du < 30 * MiB, f"packs take {du} bytes"
+    assert du >= 19 * MiB, f"packs take only {du} bytes for 20 MB of random data?"
 
 
 def test_compressible_data_is_stored_smaller(mounted):

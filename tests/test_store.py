@@ -11,6 +11,7 @@ import random
 import sqlite3
 import stat
 import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -132,7 +133,47 @@ def object_ids(store: Store) -> set[int]:
 
 
 def object_files(store: Store) -> set[int]:
+    """Objects in files of their own (stores before schema 6)."""
     return store.objects.all_ids()
+
+
+def pack_files(store: Store) -> set[int]:
+    return set(store.packs.sizes()[0])
+
+
+def packs_used(store: Store) -> set[int]:
+    return {r[0] for r in store.db.execute("SELECT DISTINCT pack FROM objects WHERE pack IS NOT NULL")}
+
+
+def stored_at(store: Store, object_id: int) -> tuple[Path, int, int]:
+    """Where an object's sealed bytes are: its pack, offset and size."""
+    pack, offset, size = store.db.one("SELECT pack, offset, stored_size FROM objects WHERE id=?", (object_id,))
+    return store.packs.path(pack), offset, size
+
+
+def sealed_of(store: Store, object_id: int) -> bytes:
+    path, offset, size = stored_at(store, object_id)
+    return path.read_bytes()[offset:offset + size]
+
+
+def put_sealed(store: Store, object_id: int, sealed: bytes) -> None:
+    """Overwrites an object's bytes in its pack (as an attacker with the disk could)."""
+    path, offset, size = stored_at(store, object_id)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(sealed)
+
+
+def to_object_files(store: Store) -> None:
+    """Moves every packed object to a file of its own, as stores before schema 6 kept them."""
+    for object_id in [r[0] for r in store.db.execute("SELECT id FROM objects WHERE pack IS NOT NULL")]:
+        path = store.objects.path(object_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(sealed_of(store, object_id))
+        store.db.execute("UPDATE objects SET pack=NULL, offset=NULL WHERE id=?", (object_id,))
+    store.commit_now()
+    for pack in pack_files(store):
+        store.packs.path(pack).unlink()
 
 
 def errno_of(excinfo) -> int:
@@ -615,7 +656,7 @@ async def test_truncate_to_zero_frees_objects(store):
     assert objects_rows(store) == 3
     await store.truncate(f, 0)
     await store.commit()
-    assert objects_rows(store) == 0 and object_files(store) == set()
+    assert objects_rows(store) == 0 and pack_files(store) == set()
     assert await store.read(f, 0, 100) == b""
 
 
@@ -624,7 +665,7 @@ async def test_all_zero_blocks_make_no_object(store):
     f = new_file(store, leaf(store), b"zeros")
     await store.write(f, 0, bytes(5 * BLOCK_SIZE + 123))
     await store.sync()
-    assert objects_rows(store) == 0 and object_files(store) == set()
+    assert objects_rows(store) == 0 and pack_files(store) == set()
     assert store.db.one("SELECT COUNT(*) FROM blocks")[0] == 0
     assert await store.read(f, 0, 6 * BLOCK_SIZE) == bytes(5 * BLOCK_SIZE + 123)
     # overwriting a stored block with zeros turns it back into a hole and frees its object
@@ -633,7 +674,7 @@ async def test_all_zero_blocks_make_no_object(store):
     assert objects_rows(store) == 1
     await store.write(f, BLOCK_SIZE, bytes(BLOCK_SIZE))
     await store.sync()
-    assert objects_rows(store) == 0 and object_files(store) == set()
+    assert objects_rows(store) == 0 and pack_files(store) == set()
     assert await store.read(f, 0, 6 * BLOCK_SIZE) == bytes(5 * BLOCK_SIZE + 123)
 
 
@@ -648,7 +689,7 @@ async def test_dedup_and_deletion_of_objects(opener):
     await store.sync()
     blocks = MiB // BLOCK_SIZE
     assert objects_rows(store) == blocks
-    assert object_files(store) == object_ids(store)
+    assert packs_used(store) == pack_files(store) and len(pack_files(store)) == 1  # one area: one pack
     assert {r[0] for r in store.db.execute("SELECT refcount FROM objects")} == {3}
     assert store.usage()["total"]["stored_bytes"] < 1.01 * MiB
 
@@ -656,77 +697,72 @@ async def test_dedup_and_deletion_of_objects(opener):
         assert store.unlink(d, b"copy%d" % i, want_dir=False).nlink == 0
         store.remove_inode(files[i])
     await store.commit()
-    assert objects_rows(store) == blocks and len(object_files(store)) == blocks
+    assert objects_rows(store) == blocks and packs_used(store) == pack_files(store)
     assert {r[0] for r in store.db.execute("SELECT refcount FROM objects")} == {1}
     assert await store.read(files[2], 0, 2 * MiB) == data
 
-    ids = object_ids(store)
+    packs = pack_files(store)
     store.unlink(d, b"copy2", want_dir=False)
     store.remove_inode(files[2])
     assert objects_rows(store) == 0
-    assert object_files(store) == ids          # files go only after the commit
+    assert pack_files(store) == packs          # the pack goes only after the commit
     await store.commit()
-    assert object_files(store) == set()
+    assert pack_files(store) == set()
     assert store.db.one("SELECT COUNT(*) FROM blocks")[0] == 0
     opener.close(store)
     store = opener()
-    assert objects_rows(store) == 0 and object_files(store) == set()
+    assert objects_rows(store) == 0 and pack_files(store) == set()
 
 
 @trio_test
-async def test_dead_object_files_are_rewritten_for_new_objects(opener):
-    """A deleted object's file waits in objects/free/ and becomes the next object's file: the
-    new content reads back, nothing of the old is left, and a reopened store keeps the pool."""
+async def test_a_mostly_dead_pack_is_compacted_and_what_lives_in_it_still_reads(opener):
     store = opener(cache_limit=0)
     d = leaf(store)
-    old, new = random.Random(1).randbytes(2 * BLOCK_SIZE), random.Random(2).randbytes(BLOCK_SIZE + 50)
-    f = new_file(store, d, b"old")
-    await store.write(f, 0, old)
+    keep, drop = random.Random(1).randbytes(2 * BLOCK_SIZE), random.Random(2).randbytes(6 * BLOCK_SIZE)
+    f, g = new_file(store, d, b"keep"), new_file(store, d, b"drop")
+    await store.write(f, 0, keep)
+    await store.write(g, 0, drop)
     await store.sync()
-    store.remove_inode(store.unlink(d, b"old", want_dir=False).id)
+    (old,) = pack_files(store)
+    assert await store.compact() == 0  # being appended to
+    store.packs.seal_all()
+    assert await store.compact() == 0  # nothing dead yet
+    store.remove_inode(store.unlink(d, b"drop", want_dir=False).id)
     await store.commit()
-    free = store.path / "objects" / "free"
-    kept = {p.stat().st_ino for p in free.iterdir()}
-    assert len(kept) == 2 and object_files(store) == set()
-
-    g = new_file(store, d, b"new")
-    await store.write(g, 0, new)  # one whole block (a file), one tail of 50 bytes (inline)
-    await store.sync()
-    assert object_files(store) == object_ids(store) - {oid for (oid,) in store.db.execute(
-        "SELECT id FROM objects WHERE data IS NOT NULL")}
-    reused = {store.objects.path(oid).stat().st_ino for oid in object_files(store)}
-    assert reused <= kept and len(list(free.iterdir())) == 1
-    assert await store.read(g, 0, 4 * BLOCK_SIZE) == new
+    assert pack_files(store) == {old}  # a quarter still lives in it
+    assert await store.compact() == 1
+    assert old not in pack_files(store) and packs_used(store) == pack_files(store)
+    assert store.packs.path(packs_used(store).pop()).stat().st_size == store.usage()["total"]["stored_bytes"]
+    assert await store.read(f, 0, 3 * BLOCK_SIZE) == keep
     opener.close(store)
     store = opener(cache_limit=0)
-    assert len(store.objects._free) == 1  # noqa: SLF001 (the pool a reopened store starts with)
-    assert await store.read(g, 0, 4 * BLOCK_SIZE) == new
-    report = await check_store(store, repair=False, verify_content=True)
-    assert report.clean and report.warnings == []  # the free files are not strays
+    assert await store.read(f, 0, 3 * BLOCK_SIZE) == keep
+    assert (await check_store(store, repair=False)).clean
 
 
-def test_a_free_file_that_is_a_link_is_not_written_through(opener, tmp_path):
-    """objects/free/ is in the (untrusted) store folder: a symlink or a hard link planted there
-    must not make the daemon write to the file it points at."""
-    target = tmp_path / "victim"
-    target.write_bytes(b"precious")
+@trio_test
+async def test_a_pack_left_without_rows_is_deleted_by_the_first_compaction(opener):
+    """Appended, then the process died before the commit: the next daemon deletes the pack."""
     store = opener(cache_limit=0)
+    f = new_file(store, leaf(store), b"f")
+    await store.write(f, 0, random.Random(3).randbytes(BLOCK_SIZE))
+    await store.sync()
+    stray = store.packs.path(0x1234)
+    stray.write_bytes(random.Random(4).randbytes(BLOCK_SIZE))
+    opener.close(store)
+    store = opener(cache_limit=0)
+    assert await store.compact() == 1
+    assert not stray.exists() and len(pack_files(store)) == 1
+
+
+def test_leftover_free_object_files_of_an_older_daemon_are_removed_at_open(opener):
+    store = opener()
     opener.close(store)
     free = opener.path / "objects" / "free"
-    free.mkdir(parents=True, exist_ok=True)
-    (free / "a").symlink_to(target)
-    os.link(target, free / "b")
-    store = opener(cache_limit=0)
-    data = random.Random(5).randbytes(3 * BLOCK_SIZE)
-
-    async def write():
-        f = new_file(store, leaf(store), b"f")
-        await store.write(f, 0, data)
-        await store.sync()
-        return await store.read(f, 0, 3 * BLOCK_SIZE)
-    assert run(write) == data
-    assert target.read_bytes() == b"precious" and target.stat().st_nlink == 1
-    assert list(free.iterdir()) == []
+    free.mkdir(parents=True)
+    (free / "00000000000000ab").write_bytes(b"dead object")
+    opener.close(opener())
+    assert not free.exists()
 
 
 def test_the_store_benchmark_measures_each_workload_and_leaves_nothing(tmp_path):
@@ -748,14 +784,14 @@ store = Store(path, ContentCodec(key), dirty_limit=1 << 26, cache_limit=0)
 ino = store.lookup(parent, b"f")
 store.unlink(parent, b"f", want_dir=False)
 store.remove_inode(ino)
-print(len(store.objects.all_ids()), flush=True)
+print(len(store.packs.sizes()[0]), flush=True)
 os._exit(0)  # a crash: no commit, no close
 """
 
 
 @trio_test
-async def test_uncommitted_deletion_keeps_object_files_after_crash(opener):
-    """Until the commit that drops the last reference, the object file stays: a process that dies
+async def test_uncommitted_deletion_keeps_the_pack_after_crash(opener):
+    """Until the commit that drops the last reference, the pack stays: a process that dies
     before that commit leaves the old (committed) tree readable."""
     import subprocess
     import sys
@@ -766,17 +802,17 @@ async def test_uncommitted_deletion_keeps_object_files_after_crash(opener):
     data = random.Random(3).randbytes(2 * BLOCK_SIZE)
     await store.write(f, 0, data)
     await store.sync()
-    ids = object_ids(store)
+    packs = pack_files(store)
     opener.close(store)
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, str(opener.path), opener.key.hex(), str(d)],
                           capture_output=True, text=True, timeout=30, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert int(proc.stdout) == len(ids)  # the deleting process had not removed the files yet
+    assert int(proc.stdout) == len(packs) == 1  # the deleting process had not removed the pack yet
     store = opener(cache_limit=0)
     assert store.lookup(d, b"f") == f
-    assert object_files(store) == ids
+    assert pack_files(store) == packs
     assert await store.read(f, 0, 3 * BLOCK_SIZE) == data
 
 
@@ -803,7 +839,7 @@ async def test_compressible_content_stores_smaller(store):
     total = store.usage()["total"]
     assert total["logical_bytes"] == MiB
     assert total["stored_bytes"] < MiB // 4
-    on_disk = sum(p.stat().st_size for p in (store.path / "objects").rglob("*") if p.is_file())
+    on_disk = sum(p.stat().st_size for p in (store.path / "packs").rglob("*") if p.is_file())
     inline = store.db.one("SELECT coalesce(SUM(length(data)), 0) FROM objects")[0]
     assert inline > 0  # compressed blocks are small enough to live in the metadata
     assert on_disk + inline == total["stored_bytes"]
@@ -821,8 +857,7 @@ async def test_small_objects_live_in_the_metadata_and_go_with_their_rows(opener)
     await store.write(big, 0, frame)
     await store.sync()
     inline = {oid for (oid,) in store.db.execute("SELECT id FROM objects WHERE data IS NOT NULL")}
-    assert len(inline) == 2 and len(object_files(store)) == 1
-    assert object_files(store) == object_ids(store) - inline
+    assert len(inline) == 2 and store.db.one("SELECT COUNT(*) FROM objects WHERE pack IS NOT NULL")[0] == 1
     opener.close(store)
     store = opener()
     assert await store.read(small, 0, 4096) == data
@@ -830,7 +865,7 @@ async def test_small_objects_live_in_the_metadata_and_go_with_their_rows(opener)
     store.remove_inode(store.unlink(folder, b"session.json", want_dir=False).id)
     store.remove_inode(store.unlink(folder, b"frame.raw", want_dir=False).id)
     await store.sync()
-    assert objects_rows(store) == 0 and object_files(store) == set()
+    assert objects_rows(store) == 0 and pack_files(store) == set()
     assert store.usage()["total"]["stored_bytes"] == 0
 
 
@@ -856,8 +891,11 @@ def test_a_store_keeps_the_dedup_digest_it_was_made_with(opener):
     assert objects_rows(store) == 1  # deduplicated against the old object
 
 
-def test_object_files_go_in_256_folders_and_an_older_store_keeps_its_65536(opener):
-    async def write_and_read(store, name, seed):
+@pytest.mark.parametrize("levels", [1, 2])
+def test_a_store_before_packs_keeps_reading_and_removing_its_object_files(opener, levels):
+    """Before schema 6 an object had a file of its own, in 256 folders (objects/ab/<id>) or,
+    before that, in 65,536 (objects/ab/cd/<id>)."""
+    async def write(store, name, seed):
         data = random.Random(seed).randbytes(3 * BLOCK_SIZE)
         f = new_file(store, leaf(store), name)
         await store.write(f, 0, data)
@@ -865,22 +903,24 @@ def test_object_files_go_in_256_folders_and_an_older_store_keeps_its_65536(opene
         return f, data
 
     store = opener()
-    f, data = run(write_and_read, store, b"new", 1)
-    parts = {p.relative_to(store.path / "objects").parts for p in (store.path / "objects").rglob("*") if p.is_file()}
-    assert len(parts) == 3 and all(len(p) == 2 and p[1].startswith(p[0]) for p in parts)
+    store.db.set_meta("object_levels", levels)
+    store.commit_now()
     opener.close(store)
-    old = opener(opener.tmp_path / "old")
-    old.db.execute("DELETE FROM meta WHERE key='object_levels'")  # as a store from before
-    old.commit_now()
-    opener.close(old)
-    old = opener(opener.tmp_path / "old")
-    g, old_data = run(write_and_read, old, b"old", 2)
-    parts = {p.relative_to(old.path / "objects").parts for p in (old.path / "objects").rglob("*") if p.is_file()}
-    assert len(parts) == 3 and all(len(p) == 3 and p[2].startswith(p[0] + p[1]) for p in parts)
-    assert len(object_files(old)) == 3
-    opener.close(old)
-    old = opener(opener.tmp_path / "old")
-    assert run(old.read, g, 0, 4 * BLOCK_SIZE) == old_data
+    store = opener()
+    f, data = run(write, store, b"old", 1)
+    to_object_files(store)
+    opener.close(store)
+    store = opener(cache_limit=0)
+    parts = {p.relative_to(store.path / "objects").parts for p in (store.path / "objects").rglob("*") if p.is_file()}
+    assert len(parts) == 3 and all(len(p) == levels + 1 and p[-1].startswith("".join(p[:-1])) for p in parts)
+    assert run(store.read, f, 0, 4 * BLOCK_SIZE) == data
+    assert run(functools.partial(check_store, store, repair=False)).clean
+    g, new_data = run(write, store, b"new", 2)  # new objects go to a pack
+    assert len(object_files(store)) == 3 and len(pack_files(store)) == 1
+    store.remove_inode(store.unlink(leaf(store), b"old", want_dir=False).id)
+    run(store.sync)
+    assert object_files(store) == set()
+    assert run(store.read, g, 0, 4 * BLOCK_SIZE) == new_data
 
 
 def test_cached_reads_never_outlive_a_change_or_a_rollback(store):
@@ -932,8 +972,8 @@ async def test_a_file_read_in_order_has_its_next_blocks_loaded_ahead(opener):
 @trio_test
 async def test_a_reader_out_of_order_gets_no_loads_ahead_and_a_failed_one_is_the_readers_error(opener):
     def damage_block_2(store, f):
-        path = store.objects.path(store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=2", (f,))[0])
-        path.write_bytes(path.read_bytes()[:-1] + b"\0")
+        object_id = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=2", (f,))[0]
+        put_sealed(store, object_id, sealed_of(store, object_id)[:-1] + b"\0")
 
     store, f, data = await stored_then_reopened(opener, b"frames.raw", 8 * BLOCK_SIZE, 7, damage_block_2)
     blocks = store.blocks
@@ -967,13 +1007,16 @@ async def test_an_altered_inline_object_reads_as_an_error(opener):
 
 
 def test_a_version_4_store_keeps_its_object_files_and_stores_small_objects_inline(opener):
-    """Schema 5 adds objects.data: a store written before keeps reading from its files."""
+    """Schema 5 adds objects.data, 6 packs: a store written before keeps reading from its files."""
     async def write_then_downgrade():
         store = opener(inline_max=0)  # as schema 4 stored everything
         f = new_file(store, leaf(store), b"old")
         await store.write(f, 0, b"before" * 100)
         await store.sync()
-        store.db.execute("ALTER TABLE objects DROP COLUMN data")
+        to_object_files(store)
+        store.db.execute("DROP INDEX objects_pack")
+        for column in ("data", "pack", "offset"):
+            store.db.execute(f"ALTER TABLE objects DROP COLUMN {column}")
         store.db.set_meta("schema_version", 4)
         store.commit_now()
         opener.close(store)
@@ -989,7 +1032,7 @@ def test_a_version_4_store_keeps_its_object_files_and_stores_small_objects_inlin
         await store.write(g, 0, b"after" * 100)
         await store.sync()
         assert store.db.one("SELECT COUNT(*) FROM objects WHERE data IS NOT NULL")[0] == 1
-        assert len(object_files(store)) == 1
+        assert len(object_files(store)) == 1 and pack_files(store) == set()
     run(after)
 
 
@@ -1033,8 +1076,8 @@ async def test_deleted_object_keys_do_not_linger_in_the_database(opener):
 
 @trio_test
 async def test_deleted_content_cannot_be_decrypted_even_from_reinstated_copies(opener):
-    """Crypto-shredding: an attacker who copied a file's object files and later gets the master
-    key and the store cannot decrypt them once the file is gone."""
+    """Crypto-shredding: an attacker who copied a file's objects and later gets the master key
+    and the store cannot decrypt them once the file is gone."""
     store = opener()
     folder = leaf(store)
     keep = new_file(store, folder, b"keep")
@@ -1042,15 +1085,14 @@ async def test_deleted_content_cannot_be_decrypted_even_from_reinstated_copies(o
     victim = new_file(store, folder, b"face.jpg")
     await store.write(victim, 0, MARKER + random.Random(9).randbytes(2 * BLOCK_SIZE))
     await store.sync()
-    stolen = {oid: store.blocks.sealed(oid, inline) for oid, inline in store.db.execute(
-        "SELECT o.id, o.data FROM blocks b JOIN objects o ON o.id = b.object WHERE b.inode=?", (victim,))}
+    stolen = {oid: store.blocks.sealed(oid, *where) for oid, *where in store.db.execute(
+        "SELECT o.id, o.data, o.pack, o.offset, o.stored_size FROM blocks b JOIN objects o ON o.id = b.object "
+        "WHERE b.inode=?", (victim,))}
     digests = {oid: store.db.one("SELECT digest FROM objects WHERE id=?", (oid,))[0] for oid in stolen}
     assert len(stolen) == 3
     store.unlink(folder, b"face.jpg", want_dir=False)
     store.remove_inode(victim)
     await store.sync()
-    for oid, sealed in stolen.items():  # reinstated
-        store.objects.write(oid, sealed)
     codec = ContentCodec(opener.key)
     keys = [r[0] for r in store.db.execute("SELECT wrapped_key FROM objects")]
     assert keys  # the live file's
@@ -1094,11 +1136,9 @@ async def test_corrupted_object_raises_block_read_error(opener):
     await store.write(g, 0, other)
     await store.sync()
     middle = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=1", (f,))[0]
-    path = store.objects.path(middle)
-    blob = bytearray(path.read_bytes())
+    blob = bytearray(sealed_of(store, middle))
     blob[len(blob) // 2] ^= 0x01
-    os.chmod(path, 0o600)
-    path.write_bytes(bytes(blob))
+    put_sealed(store, middle, bytes(blob))
 
     with pytest.raises(BlockReadError) as e:
         await store.read(f, 0, 3 * BLOCK_SIZE)
@@ -1110,31 +1150,28 @@ async def test_corrupted_object_raises_block_read_error(opener):
     assert await store.read(f, 2 * BLOCK_SIZE, BLOCK_SIZE) == data[2 * BLOCK_SIZE:]
     assert await store.read(g, 0, BLOCK_SIZE) == other
 
-    # a missing object file and a truncated one fail the same way
-    last = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=2", (f,))[0]
-    store.objects.path(last).unlink()
+    # a truncated pack and a missing one fail the same way
+    path, offset, size = stored_at(store, store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=0", (g,))[0])
+    os.truncate(path, offset + size - 1)  # g's block was stored last
     with pytest.raises(BlockReadError):
-        await store.read(f, 2 * BLOCK_SIZE, 10)
-    first = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=0", (f,))[0]
-    p0 = store.objects.path(first)
-    p0.write_bytes(p0.read_bytes()[:-1])
+        await store.read(g, 0, 10)
+    path.unlink()
     with pytest.raises(BlockReadError):
         await store.read(f, 0, 10)
-    assert await store.read(g, 0, BLOCK_SIZE) == other
 
 
 @trio_test
-async def test_swapped_object_files_raise_block_read_error(opener):
+async def test_swapped_objects_raise_block_read_error(opener):
     store = opener(cache_limit=0)
     f = new_file(store, leaf(store), b"f")
     await store.write(f, 0, random.Random(1).randbytes(2 * BLOCK_SIZE))
     await store.sync()
     a = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=0", (f,))[0]
     b = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=1", (f,))[0]
-    pa, pb = store.objects.path(a), store.objects.path(b)
-    blob_a, blob_b = pa.read_bytes(), pb.read_bytes()
-    pa.write_bytes(blob_b)
-    pb.write_bytes(blob_a)
+    blob_a, blob_b = sealed_of(store, a), sealed_of(store, b)
+    assert len(blob_a) == len(blob_b)
+    put_sealed(store, a, blob_b)
+    put_sealed(store, b, blob_a)
     for off in (0, BLOCK_SIZE):
         with pytest.raises(BlockReadError):
             await store.read(f, off, 10)
@@ -1219,7 +1256,8 @@ async def test_unlinked_inodes_are_purged_at_reopen(opener):
     store.unlink(d, b"emptydir", want_dir=True)
     await store.sync()
     assert store.inode(gone).nlink == 0
-    assert gone_objects <= object_files(store)
+    packs = pack_files(store)
+    assert {stored_at(store, o)[0] for o in gone_objects} <= {store.packs.path(p) for p in packs}
     opener.close(store)
 
     store = opener()
@@ -1229,7 +1267,7 @@ async def test_unlinked_inodes_are_purged_at_reopen(opener):
     assert store.inode(kept).nlink == 1
     assert await store.read(kept, 0, 100) == b"kept content"
     assert not (gone_objects & object_ids(store))
-    assert not (gone_objects & object_files(store))
+    assert pack_files(store) == set()  # kept's content is inline: the pack went with gone's objects
     assert store.db.one("SELECT COUNT(*) FROM xattrs WHERE inode=?", (gone,))[0] == 0
     assert store.db.one("SELECT COUNT(*) FROM blocks WHERE inode=?", (gone,))[0] == 0
 
@@ -1598,23 +1636,24 @@ def test_interrupted_creation_is_not_a_wrong_key(opener):
         assert store.inode(ROOT_INODE).is_dir
 
 
-def test_many_objects_are_made_durable_with_one_syncfs_and_a_failure_keeps_them_pending(tmp_path, monkeypatch):
-    from tempfs.store import objects as objects_module
-    files = objects_module.ObjectFiles(tmp_path / "objects")
-    for i in range(objects_module.SYNCFS_OVER + 4):
-        files.write(i + 1, b"sealed %d" % i)
-    calls = []
+def test_a_failed_pack_sync_keeps_the_packs_pending(tmp_path, monkeypatch):
+    from tempfs.store.packs import PackFiles
+    packs = PackFiles(tmp_path / "packs")
+    where = [packs.append(b"sealed %d" % i, stream) for i, stream in enumerate(["a", "b", "a"])]
+    packs.settle(p for p, _ in where)
+    assert len({p for p, _ in where}) == 2 and [o for _, o in where] == [0, 0, 8]
+    real_fsync, calls = os.fsync, []
 
-    class FailingLibc:
-        def syncfs(self, fd):
-            calls.append(fd)
-            return -1
-    monkeypatch.setattr(objects_module, "_libc", FailingLibc())
-    monkeypatch.setattr(objects_module.ctypes, "get_errno", lambda: errno.EIO)
-    with pytest.raises(OSError) as e:
-        files.sync()
-    assert e.value.errno == errno.EIO and len(calls) == 1
-    assert len(files._unsynced) == objects_module.SYNCFS_OVER + 4  # noqa: SLF001 (tried again next time)
-    monkeypatch.undo()
-    files.sync()
-    assert not files._unsynced  # noqa: SLF001
+    def failing_fsync(fd):
+        calls.append(fd)
+        raise OSError(errno.EIO, "I/O error")
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        packs.sync()
+    assert len(calls) == 1 and packs._unsynced == {p for p, _ in where}  # noqa: SLF001 (tried again next time)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    packs.sync()
+    assert not packs._unsynced  # noqa: SLF001
+    assert packs.read(where[2][0], 8, 8) == b"sealed 2"
+    with pytest.raises(OSError):
+        packs.read(where[2][0], 8, 9)  # past its end

@@ -4,20 +4,21 @@ objects on disk, identical blocks stored once.
 Guarantees:
 - A missing block is a hole and reads as zeros; an all-zero block is stored as a hole.
 - A block's bytes never extend past its file's size, so growing a file shows zeros.
-- An object is written before the metadata that references it, and its file is removed only
-  after the commit that drops its last reference.
+- An object is appended to its area's pack (packs.py) before the metadata that references it;
+  a pack goes only after the commit that drops the last reference into it, and the compactor
+  moves what lives in a mostly dead pack before it goes, durably (`move_pack`).
 - A small sealed object (at most `inline_max` bytes: small files, file tails) is kept in its
-  metadata row instead of a file of its own, so it is stored, made durable and removed with the
-  commit that references it: a small file costs no object file, no folder, no fsync of its own.
+  metadata row instead of a pack, so it is stored, made durable and removed with the commit
+  that references it.
 - Dirty data is bounded by `dirty_limit`: a writer that would pass it waits for the flusher.
 - Sealing, hashing and disk I/O run in worker threads; the trio thread only touches SQLite.
 - A file read in order has its next blocks loaded ahead, several at once, into the clean LRU
-  (objects are immutable, so a block loaded ahead is never stale); a reader that asks for one
+  (objects are immutable, so a block loaded ahead is never stale; a read that fails because the
+  compactor moved its object meanwhile is retried); a reader that asks for one
   being loaded waits for that load instead of starting its own.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import sqlite3
@@ -31,6 +32,7 @@ import trio
 from ..codec import ContentCodec, IntegrityError
 from .db import Database
 from .objects import MAX_OBJECT_BYTES, ObjectFiles
+from .packs import PackFiles
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ INLINE_MAX = 32 * 1024   # sealed objects up to this size live in the metadata, 
 READAHEAD_BLOCKS = 8     # blocks loaded ahead of a reader that reads a file in order
 READAHEAD_PARALLELISM = 4
 READERS_TRACKED = 1024   # files whose next block in order is remembered
+COMPACT_DEAD = 0.5       # a pack this dead (by bytes) has what lives in it moved, and goes
+COMPACTED = ("compacted",)  # the pack stream of moved objects (areas' streams are their names)
 
 
 class BlockReadError(Exception):
@@ -61,9 +65,9 @@ class DirtyBlock:
 
 
 class BlockStore:
-    def __init__(self, db: Database, objects: ObjectFiles, codec: ContentCodec,
+    def __init__(self, db: Database, objects: ObjectFiles, packs: PackFiles, codec: ContentCodec,
                  block_size: int, dirty_limit: int, cache_limit: int, inline_max: int = INLINE_MAX) -> None:
-        self.db, self.objects, self.codec = db, objects, codec
+        self.db, self.objects, self.packs, self.codec = db, objects, packs, codec
         self.block_size = block_size
         self.inline_max = inline_max
         self.dirty_limit = max(dirty_limit, 4 * block_size)
@@ -77,7 +81,8 @@ class BlockStore:
         self._flush_slots = trio.CapacityLimiter(FLUSH_PARALLELISM)
         self._flush_wanted = trio.Event()  # stays set until the flusher takes it: no lost wake-up
         self._room_lot = trio.lowlevel.ParkingLot()
-        self.in_flight: set[int] = set()  # object files being written, not yet in the object table
+        self.dead_bytes: Counter[int] = Counter()  # pack -> bytes of its objects dropped since the store opened
+        self._packs_scanned = False  # compact_candidates has looked at every pack once
         self.doomed: set[int] = set()     # object files whose row is gone, removed after the commit
         self.hits = self.misses = 0       # block reads answered from memory / from object files
         self._loading: dict[int, trio.Event] = {}  # object id -> set when its load ahead ends
@@ -186,9 +191,9 @@ class BlockStore:
             for blockno, object_id in wanted.items():
                 plain = loaded[object_id]
                 if isinstance(plain, Exception):
-                    if self._mapped(inode, blockno) == object_id:
+                    if self._mapped(inode, blockno) == object_id and self._sealing_facts(object_id) == facts[object_id]:
                         raise BlockReadError(inode, blockno, str(plain))
-                    break  # rewritten while we read it: read again
+                    break  # rewritten or moved (compacted) while we read it: read again
                 self._remember(object_id, plain)
                 found[blockno] = plain
             else:
@@ -214,28 +219,34 @@ class BlockStore:
             raise BlockReadError(inode, blockno, f"the block map entry for object {row[0]:016x} fails authentication")
         return row[0]
 
-    def _sealing_facts(self, object_id: int) -> Optional[tuple[bytes, bytes, Optional[bytes]]]:
-        """(wrapped key, digest, sealed bytes if inline) of an object, as the metadata records them."""
-        return self.db.one("SELECT wrapped_key, digest, data FROM objects WHERE id=?", (object_id,))
+    def _sealing_facts(self, object_id: int) -> Optional[tuple]:
+        """(wrapped key, digest, sealed bytes if inline, pack, offset, stored size) of an object,
+        as the metadata records them."""
+        return self.db.one("SELECT wrapped_key, digest, data, pack, offset, stored_size FROM objects WHERE id=?",
+                           (object_id,))
 
     def _load_many(self, facts: dict[int, Optional[tuple]]) -> dict[int, bytes | Exception]:
         return {object_id: self._load(object_id, known) for object_id, known in facts.items()}
 
-    def _load(self, object_id: int, facts: Optional[tuple[bytes, bytes, Optional[bytes]]]) -> bytes | Exception:
+    def _load(self, object_id: int, facts: Optional[tuple]) -> bytes | Exception:
         try:
             if facts is None:
                 raise IntegrityError(f"object {object_id:016x} is not in the object table")
-            wrapped_key, digest, inline = facts
-            plain = self.codec.open(object_id, self.sealed(object_id, inline), wrapped_key, digest)
+            wrapped_key, digest, *where = facts
+            plain = self.codec.open(object_id, self.sealed(object_id, *where), wrapped_key, digest)
             if len(plain) > self.block_size:
                 raise IntegrityError(f"object {object_id:016x} is larger than a block")
             return plain
         except (OSError, IntegrityError) as e:
             return e
 
-    def sealed(self, object_id: int, inline: Optional[bytes]) -> bytes:
-        """An object's sealed bytes: its row's (`inline`) or its file's. Runs in worker threads."""
+    def sealed(self, object_id: int, inline: Optional[bytes], pack: Optional[int] = None,
+               offset: Optional[int] = None, size: int = 0) -> bytes:
+        """An object's sealed bytes: its row's (`inline`), its pack's or (before schema 6) its
+        file's. Runs in worker threads."""
         if inline is None:
+            if pack is not None:
+                return self.packs.read(pack, offset, size)
             return self.objects.read(object_id)
         if len(inline) > MAX_OBJECT_BYTES:
             raise IntegrityError(f"object {object_id:016x} is larger than any object tempfs writes")
@@ -399,34 +410,26 @@ class BlockStore:
         """Stores a batch of blocks: two trips to the worker threads (hash, then seal and write
         what is new), then one synchronous metadata update."""
         digests = await trio.to_thread.run_sync(self._digests, [c.plain for c in claimed])
-        new: dict[bytes, tuple[int, bytes]] = {}
+        new: dict[bytes, tuple[int, bytes, Optional[str]]] = {}
         for claim, digest in zip(claimed, digests):
             claim.digest = digest
             if digest is not None and digest not in new and self._object_of(digest) is None:
-                new[digest] = (secrets.randbits(63), claim.plain)
-        ids = {object_id for object_id, _ in new.values()}
-        self.in_flight |= ids
-        try:
-            written = await trio.to_thread.run_sync(
-                self._seal_and_write_many, [(object_id, plain, digest) for digest, (object_id, plain) in new.items()])
-        finally:
-            self.in_flight -= ids
+                new[digest] = (secrets.randbits(63), claim.plain, claim.block.tag)
+        written = await trio.to_thread.run_sync(
+            self._seal_and_write_many, [(object_id, plain, digest, tag) for digest, (object_id, plain, tag) in new.items()])
         added: dict[bytes, int] = {}  # digest -> the object this batch stored for it
         try:
-            for digest, (object_id, plain), (stored_size, wrapped_key, inline) in zip(new, new.values(), written):
-                if not self.db.execute(
-                        "INSERT INTO objects(id, digest, refcount, plain_size, stored_size, wrapped_key, data) "
-                        "VALUES (?, ?, 0, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                        (object_id, digest, len(plain), stored_size, wrapped_key, inline)).rowcount:
-                    self.objects.remove(object_id)  # a concurrent batch stored the same content first
-                    continue
-                added[digest] = object_id
-        except sqlite3.Error:  # e.g. another process holds the database: the blocks stay dirty
-            for object_id, _ in new.values():  # the files no row refers to go (else fsck's orphans)
-                with contextlib.suppress(sqlite3.Error):
-                    if self.db.one("SELECT 1 FROM objects WHERE id=?", (object_id,)) is None:
-                        self.objects.remove(object_id)
-            raise
+            # what a row does not take (a concurrent batch stored the same content first, or the
+            # database refuses) stays as dead bytes in its pack, for the compactor
+            for digest, (object_id, plain, _), (stored_size, wrapped_key, inline, pack, offset) in zip(
+                    new, new.values(), written):
+                if self.db.execute(
+                        "INSERT INTO objects(id, digest, refcount, plain_size, stored_size, wrapped_key, data, pack, offset) "
+                        "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        (object_id, digest, len(plain), stored_size, wrapped_key, inline, pack, offset)).rowcount:
+                    added[digest] = object_id
+        finally:
+            self.packs.settle(w[3] for w in written if w[3] is not None)
         referenced = {self._settle(claim, added) for claim in claimed}
         for object_id in added.values():
             if object_id not in referenced:  # every block it was made for changed meanwhile
@@ -453,20 +456,20 @@ class BlockStore:
         """The dedup digest of each block, None for an all-zero block (a hole)."""
         return [None if p.count(0) == len(p) else self.codec.digest(p) for p in plains]
 
-    def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes]]) -> list[tuple[int, bytes, Optional[bytes]]]:
-        """(stored size, wrapped key, sealed bytes if kept inline) of each object; the others
-        are written to their files."""
+    def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes, Optional[str]]]) -> list[tuple]:
+        """(stored size, wrapped key, sealed bytes if kept inline, pack, offset) of each object;
+        the others are appended to their area's pack."""
         out = []
         try:
-            for object_id, plain, digest in items:
+            for object_id, plain, digest, tag in items:
                 sealed, wrapped_key = self.codec.seal(object_id, plain, digest)
                 inline = sealed if len(sealed) <= self.inline_max else None
+                pack = offset = None
                 if inline is None:
-                    self.objects.write(object_id, sealed)
-                out.append((len(sealed), wrapped_key, inline))
+                    pack, offset = self.packs.append(sealed, tag)
+                out.append((len(sealed), wrapped_key, inline, pack, offset))
         except OSError:
-            for object_id, _, _ in items[:len(out)]:  # nothing references them yet
-                self.objects.remove(object_id)
+            self.packs.settle(w[3] for w in out if w[3] is not None)  # nothing references them
             raise
         return out
 
@@ -488,27 +491,90 @@ class BlockStore:
             self._decref(old)
 
     def _decref(self, object_id: int) -> None:
-        self._drop_if(object_id, self.db.one("UPDATE objects SET refcount=refcount-1 WHERE id=? "
-                                             "RETURNING refcount, data IS NOT NULL", (object_id,)))
+        self._drop_if(object_id, self.db.one(f"UPDATE objects SET refcount=refcount-1 WHERE id=? "
+                                             f"RETURNING {_STORAGE}", (object_id,)))
 
     def _drop_if_unreferenced(self, object_id: int) -> None:
-        self._drop_if(object_id, self.db.one("SELECT refcount, data IS NOT NULL FROM objects WHERE id=?", (object_id,)))
+        self._drop_if(object_id, self.db.one(f"SELECT {_STORAGE} FROM objects WHERE id=?", (object_id,)))
 
-    def _drop_if(self, object_id: int, row: Optional[tuple[int, bool]]) -> None:
-        """Drops an object whose (refcount, is inline) row says nothing references it."""
-        if row is not None and row[0] <= 0:
-            self.db.execute("DELETE FROM objects WHERE id=?", (object_id,))
-            self.db.shred_after_commit()
-            self._forget_object(object_id)
-            if not row[1]:  # an inline object goes with its row
-                self.doomed.add(object_id)
-                self.db.after_commit(lambda: self._remove_doomed(object_id))
+    def _drop_if(self, object_id: int, row: Optional[tuple]) -> None:
+        """Drops an object whose _STORAGE row says nothing references it."""
+        if row is None or row[0] > 0:
+            return
+        refcount, inline, pack, stored_size = row
+        self.db.execute("DELETE FROM objects WHERE id=?", (object_id,))
+        self.db.shred_after_commit()
+        self._forget_object(object_id)
+        if pack is not None:
+            self.dead_bytes[pack] += stored_size
+            self.remove_pack_if_dead(pack)
+        elif not inline:  # an object file (before schema 6); an inline object goes with its row
+            self.doomed.add(object_id)
+            self.db.after_commit(lambda: self._remove_doomed(object_id))
+
+    # ---- compaction ----------------------------------------------------------------------
+    async def compact_candidates(self, min_dead: float = COMPACT_DEAD) -> list[int]:
+        """Packs nothing appends to and at least `min_dead` dead: all of them the first time
+        (what a crash or an older daemon left), then those that lost objects since."""
+        sizes, _strays = await trio.to_thread.run_sync(self.packs.sizes)
+        if self._packs_scanned:
+            live = {pack: self.db.one("SELECT coalesce(SUM(stored_size), 0) FROM objects WHERE pack=?", (pack,))[0]
+                    for pack in list(self.dead_bytes)}
+        else:
+            live = dict.fromkeys(sizes, 0)
+            live.update(self.db.execute("SELECT pack, SUM(stored_size) FROM objects WHERE pack IS NOT NULL GROUP BY pack"))
+            self._packs_scanned = True
+        out = []
+        for pack, live_bytes in live.items():
+            size = sizes.get(pack)
+            if size is None:
+                self.dead_bytes.pop(pack, None)  # gone
+            elif live_bytes <= (1 - min_dead) * size and not self.packs.busy(pack):
+                out.append(pack)
+        return out
+
+    async def move_pack(self, pack: int) -> None:
+        """Appends the objects living in `pack` to a new pack, made durable before the rows
+        point at it. The pack itself goes once that is committed durably (remove_pack_if_dead)."""
+        rows = self.db.execute("SELECT id, offset, stored_size FROM objects WHERE pack=?", (pack,)).fetchall()
+        moved = await trio.to_thread.run_sync(self._copy_out, pack, rows)
+        try:
+            for object_id, offset, new_pack, new_offset in moved:  # unless dropped meanwhile
+                self.db.execute("UPDATE objects SET pack=?, offset=? WHERE id=? AND pack=? AND offset=?",
+                                (new_pack, new_offset, object_id, pack, offset))
+        finally:
+            self.packs.settle(m[2] for m in moved)
+
+    def _copy_out(self, pack: int, rows: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
+        out: list[tuple[int, int, int, int]] = []
+        try:
+            for object_id, offset, size in rows:
+                try:
+                    data = self.packs.read(pack, offset, size)
+                except OSError as e:  # left where it is: dropped meanwhile, or damage the check reports
+                    log.debug("object %016x not moved: %s", object_id, e)
+                    continue
+                out.append((object_id, offset, *self.packs.append(data, COMPACTED)))
+            self.packs.sync()
+        except OSError:
+            self.packs.settle(m[2] for m in out)
+            raise
+        return out
+
+    def remove_pack_if_dead(self, pack: int) -> None:
+        """Deletes a pack after the commit if no row points into it any more, nor can."""
+        if self.db.one("SELECT 1 FROM objects WHERE pack=? LIMIT 1", (pack,)) is None and self.packs.release(pack):
+            self.dead_bytes.pop(pack, None)
+            self.db.after_commit(lambda: self.packs.remove(pack))
 
     def _remove_doomed(self, object_id: int) -> None:
         try:
             self.objects.remove(object_id)
         finally:
             self.doomed.discard(object_id)
+
+
+_STORAGE = "refcount, data IS NOT NULL, pack, stored_size"  # what dropping an object needs
 
 
 @dataclass(eq=False)

@@ -9,14 +9,16 @@ What it checks, and repairs when asked (`repair=True`):
 - names refer to existing inodes in existing folders; an inode with a link count but no name
   (unreachable) is removed; link counts agree with the names (a file: its names; a folder:
   2 + its subfolders);
-- every object (its file, or its row if inline) exists, authenticates (`ContentCodec.open`),
+- every object (in its pack, its row if inline, or its own file before schema 6) exists,
+  authenticates (`ContentCodec.open`),
   holds at most one block, and matches its recorded size and dedup digest
   (`verify_content=False` only checks it exists and its size);
 - the accounting counters (inodes.stored_bytes, area_objects, area_usage, totals) agree with
   the block map; if not, they are recomputed (`Database.recount`);
-- object files that no row refers to (left by a crash between writing an object and committing
-  it) are removed, unless being written right now (`BlockStore.in_flight`); other files in the
-  object folder are only reported.
+- packs that no row points into (left by a crash between appending objects and committing
+  them) are removed, unless being appended to or holding appends not yet settled
+  (`PackFiles.busy`); so are object files (before schema 6) that no row refers to; other files
+  in the object and pack folders are only reported.
 
 Guarantees:
 - It never loses data that is readable: damage it cannot repair is reported, naming the files
@@ -25,8 +27,8 @@ Guarantees:
   SQL in short chunks with checkpoints between them, object files are read and authenticated in
   worker threads (64 at a time), each chunk sees a consistent state (every store operation
   changes the metadata without an `await` in between), a problem seen on an object is
-  re-checked against its row before being reported (it may have been dropped meanwhile), an
-  object being written (in flight) is never touched, and a file whose row was deleted is left
+  re-checked against its row before being reported (it may have been dropped or moved
+  meanwhile), a pack being appended to is never touched, and a file whose row was deleted is left
   to the commit that removes it (the check commits and waits ORPHAN_GRACE before it looks again).
 - Repairs are committed durably at the end; each repair is atomic (a SAVEPOINT), so a repair
   that SQLite refuses leaves nothing half done and is reported as damage instead.
@@ -49,7 +51,7 @@ from typing import Callable, Iterator, Optional
 import trio
 
 from ..codec import IntegrityError
-from .objects import FREE_FOLDER, shards
+from .objects import shards
 from .store import DAMAGED_NAME, ROOT_INODE, Store
 
 log = logging.getLogger(__name__)
@@ -119,10 +121,12 @@ class _Checker:
         await self._check_tree()
         files, strays = await trio.to_thread.run_sync(_list_object_files, self.store.objects.root,
                                                       self.store.objects.levels)
-        await self._check_content(files)
+        packs, pack_strays = await trio.to_thread.run_sync(self.store.packs.sizes)
+        await self._check_content(files, packs)
         await self._check_counters()
         await self._check_orphans(files)
-        self._report_strays(strays)
+        await self._check_pack_orphans(packs)
+        self._report_strays(strays + pack_strays)
         self._close_tallies()
         if self.report.repaired:
             await self.store.commit(durable=True)
@@ -356,18 +360,18 @@ class _Checker:
         return True
 
     # ---- object content ----------------------------------------------------------------------
-    async def _check_content(self, files: dict[int, int]) -> None:
+    async def _check_content(self, files: dict[int, int], packs: dict[int, int]) -> None:
         total, done, start = self._object_count(), 0, MIN_ID
         while start is not None:
-            batch = self.db.execute("SELECT id, wrapped_key, stored_size, digest, data FROM objects WHERE id >= ? "
-                                    "ORDER BY id LIMIT ?", (start, VERIFY_BATCH)).fetchall()
+            batch = self.db.execute("SELECT id, wrapped_key, stored_size, digest, data, pack, offset FROM objects "
+                                    "WHERE id >= ? ORDER BY id LIMIT ?", (start, VERIFY_BATCH)).fetchall()
             if not batch:
                 return
             start = batch[-1][0] + 1 if batch[-1][0] < MAX_ID else None
             if self.verify:
                 results = await trio.to_thread.run_sync(self._verify_batch, batch)
             else:
-                results = await trio.to_thread.run_sync(self._sizes_on_disk, batch, files)
+                results = await trio.to_thread.run_sync(self._sizes_on_disk, batch, files, packs)
             for row, result in zip(batch, results):
                 self._judge(row, result)
             done += len(batch)
@@ -377,9 +381,9 @@ class _Checker:
     def _verify_batch(self, batch: list[tuple]) -> list[object]:
         """In a worker thread: (size on disk, plaintext digest) of each object, or the error."""
         out: list[object] = []
-        for object_id, wrapped_key, _size, digest, inline in batch:
+        for object_id, wrapped_key, size, digest, inline, pack, offset in batch:
             try:
-                sealed = self.store.blocks.sealed(object_id, inline)
+                sealed = self.store.blocks.sealed(object_id, inline, pack, offset, size)
                 plain = self.store.blocks.codec.open(object_id, sealed, wrapped_key, digest)
                 if len(plain) > self.store.blocks.block_size:
                     raise IntegrityError(f"holds {len(plain)} bytes, more than a block")
@@ -388,13 +392,16 @@ class _Checker:
                 out.append(e)
         return out
 
-    def _sizes_on_disk(self, batch: list[tuple], files: dict[int, int]) -> list[object]:
-        """In a worker thread (quick check): each object's file size, or the error."""
+    def _sizes_on_disk(self, batch: list[tuple], files: dict[int, int], packs: dict[int, int]) -> list[object]:
+        """In a worker thread (quick check): each object's size on disk, or the error."""
         out: list[object] = []
-        for object_id, *_, inline in batch:
+        for object_id, _key, size, _digest, inline, pack, offset in batch:
             try:
                 if inline is not None:
                     out.append((len(inline), None))
+                    continue
+                if pack is not None:
+                    out.append(_room_in_pack(self.store.packs.path(pack), packs.get(pack), offset, size))
                     continue
                 out.append((files[object_id] if object_id in files else
                             os.stat(self.store.objects.path(object_id)).st_size, None))
@@ -403,9 +410,10 @@ class _Checker:
         return out
 
     def _judge(self, row: tuple, result: object) -> None:
-        object_id, wrapped_key, stored_size, digest, _inline = row
-        if self.db.one("SELECT 1 FROM objects WHERE id=? AND wrapped_key=?", (object_id, wrapped_key)) is None:
-            return  # dropped while we read it
+        object_id, wrapped_key, stored_size, digest, _inline, pack, offset = row
+        if self.db.one("SELECT 1 FROM objects WHERE id=? AND wrapped_key=? AND pack IS ? AND offset IS ?",
+                       (object_id, wrapped_key, pack, offset)) is None:
+            return  # dropped or moved while we read it
         self.report.objects_checked += 1
         if isinstance(result, Exception):
             self._damaged("unreadable objects", f"{self._users(object_id)}: unreadable, object "
@@ -514,21 +522,38 @@ class _Checker:
         # A file is written before its row is inserted (in flight meanwhile), and removed after
         # the commit that deletes its row: an id with a file, no row and not in flight is an
         # orphan, or a file that the coming commit's own work removes.
-        skip = self.store.blocks.in_flight | self.store.blocks.doomed | self._dropped
+        skip = self.store.blocks.doomed | self._dropped
         orphans = await self._without_rows([o for o in files if o not in skip])
         if not orphans:
             return
         await self.store.commit()  # runs that work (ours; the daemon's committer may be at it too)
         await trio.sleep(ORPHAN_GRACE)
-        busy = self.store.blocks.in_flight | self.store.blocks.doomed
-        orphans = [o for o in await self._without_rows(orphans) if o not in busy]
-        paths = [self.store.objects.path(o) for o in orphans]
+        orphans = [o for o in await self._without_rows(orphans) if o not in self.store.blocks.doomed]
+        await self._remove_orphans([self.store.objects.path(o) for o in orphans], "object files",
+                                   ("belonged to no object", "belong to no object"))
+
+    async def _check_pack_orphans(self, packs: dict[int, int]) -> None:
+        # rows come into a pack only while it is busy (appended to, or appends unsettled): one
+        # neither busy nor pointed into is an orphan, or empties with the coming commit
+        orphans = [p for p in packs if not self.store.packs.busy(p)
+                   and self.db.one("SELECT 1 FROM objects WHERE pack=? LIMIT 1", (p,)) is None]
+        if not orphans:
+            return
+        await self.store.commit()
+        await trio.sleep(ORPHAN_GRACE)
+        orphans = [p for p in orphans if not self.store.packs.busy(p)
+                   and self.db.one("SELECT 1 FROM objects WHERE pack=? LIMIT 1", (p,)) is None]
+        await self._remove_orphans([self.store.packs.path(p) for p in orphans], "packs",
+                                   ("held no live object", "hold no live object"))
+
+    async def _remove_orphans(self, paths: list[Path], what: str, why: tuple[str, str]) -> None:
+        """Removes (or, not repairing, reports) files; `why` they are orphans, in past and present."""
         count, size = await trio.to_thread.run_sync(_remove_files if self.repair else _existing_files, paths)
         if count and self.repair:
-            self._note("repaired", "orphans", f"{count} object files ({size} bytes) belonged to no object "
+            self._note("repaired", "orphans", f"{count} {what} ({size} bytes) {why[0]} "
                        "(left by an interrupted write): removed")
         elif count:
-            self._damaged("orphans", f"{count} object files ({size} bytes) belong to no object "
+            self._damaged("orphans", f"{count} {what} ({size} bytes) {why[1]} "
                           "(left by an interrupted write) (not repaired)")
 
     async def _without_rows(self, ids: list[int]) -> list[int]:
@@ -623,8 +648,6 @@ def _list_object_files(root: Path, levels: int) -> tuple[dict[int, int], list[st
     strays: list[str] = []
     for folder, _subfolders, names in os.walk(root):
         parts = Path(folder).relative_to(root).parts
-        if parts[:1] == (FREE_FOLDER,):
-            continue  # dead objects' files, kept to be rewritten
         for name in names:
             path = os.path.join(folder, name)
             try:
@@ -637,6 +660,15 @@ def _list_object_files(root: Path, levels: int) -> tuple[dict[int, int], list[st
             else:
                 files[object_id] = st.st_size
     return files, strays
+
+
+def _room_in_pack(path: Path, pack_size: Optional[int], offset: int, size: int) -> tuple[int, None]:
+    """(size, None) if the pack holds `size` bytes at `offset`; raises OSError if not."""
+    if pack_size is None:
+        pack_size = path.stat().st_size  # made since the listing (raises FileNotFoundError if gone)
+    if offset + size > pack_size:
+        raise OSError(f"its pack {path.name} ends before it ({pack_size} bytes, the object ends at {offset + size})")
+    return size, None
 
 
 def _existing_files(paths: list[Path]) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 MEMO_ENTRIES = 4096  # rows one_cached() keeps between changes
 
 # An entry's deadline: its last change inside tempfs (ctime, which programs cannot set back)
@@ -53,8 +53,10 @@ CREATE INDEX entries_inode ON entries(inode);
 CREATE TABLE objects (
     id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, refcount INTEGER NOT NULL,
     plain_size INTEGER NOT NULL, stored_size INTEGER NOT NULL, wrapped_key BLOB NOT NULL,
-    data BLOB                             -- the sealed object if small (inline), else NULL: in its file
+    data BLOB,                            -- the sealed object if small (inline), else NULL
+    pack INTEGER, offset INTEGER          -- where it is appended (packs.py); NULL: inline, or its own file (before 6)
 );
+CREATE INDEX objects_pack ON objects(pack) WHERE pack IS NOT NULL;
 CREATE TABLE blocks (
     inode INTEGER NOT NULL, blockno INTEGER NOT NULL, object INTEGER NOT NULL,
     tag BLOB,                             -- codec.block_tag: the entry is authentic
@@ -219,6 +221,16 @@ class Database:
             if "data" not in {row[1] for row in self.conn.execute("PRAGMA table_info(objects)")}:
                 self.conn.execute("ALTER TABLE objects ADD COLUMN data BLOB")
             self.set_meta("schema_version", 5)
+            self.commit()
+            version = 5
+        if version == 5:  # objects appended to pack files
+            self.conn.execute("BEGIN")
+            columns = {row[1] for row in self.conn.execute("PRAGMA table_info(objects)")}
+            for column in ("pack INTEGER", "offset INTEGER"):
+                if column.split()[0] not in columns:
+                    self.conn.execute(f"ALTER TABLE objects ADD COLUMN {column}")
+            self.conn.execute("CREATE INDEX IF NOT EXISTS objects_pack ON objects(pack) WHERE pack IS NOT NULL")
+            self.set_meta("schema_version", 6)
             self.commit()
         elif version != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version!r} is newer than this tempfs ({SCHEMA_VERSION})")

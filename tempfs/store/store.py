@@ -16,6 +16,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import sqlite3
 import stat
 import time
@@ -28,9 +29,10 @@ import trio
 from ..codec import SEAL_OVERHEAD, ContentCodec, IntegrityError
 from ..layout import Kind
 from ..names import MetadataCipher
-from .blocks import INLINE_MAX, BlockStore
+from .blocks import COMPACT_DEAD, INLINE_MAX, BlockStore
 from .db import Database
-from .objects import FREE_MAX, ObjectFiles
+from .objects import ObjectFiles
+from .packs import PackFiles
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,8 @@ ROOT_INODE = 1
 BLOCK_SIZE = 128 * 1024
 COMMIT_INTERVAL = 1.0
 MAX_FILE_SIZE = 2**63 - 1
-FREE_FILES_BYTES = FREE_MAX * (BLOCK_SIZE + SEAL_OVERHEAD)  # the most dead objects' files kept for reuse hold
+COMPACT_INTERVAL = 30.0  # seconds between looks for mostly dead packs
+RECLAIM_DEAD = 0.01      # when the disk is short, a pack this dead is compacted
 UNCLEAN_MARK = "unclean"  # present while a daemon has the store open (see Store.__init__)
 DAMAGED_NAME = "<damaged name>"  # shown for a name that fails authentication
 
@@ -129,7 +132,9 @@ class Store:
         # inodes whose last name went since the store opened: only these can need freeing when
         # the kernel forgets them or they are closed (a superset: a later link() leaves it here)
         self.unlinked: set[int] = set()
-        self.blocks = BlockStore(self.db, self.objects, codec, BLOCK_SIZE, dirty_limit, cache_limit, inline_max)
+        self.packs = PackFiles(path / "packs")
+        self.blocks = BlockStore(self.db, self.objects, self.packs, codec, BLOCK_SIZE, dirty_limit, cache_limit,
+                                 inline_max)
         # STORE/unclean exists while the store is open and goes at a clean close(): found here,
         # the last opener died (SIGKILL, power cut), so the daemon runs the quick check before
         # serving; close() removes it only once that is done (the check clears needs_recovery).
@@ -147,7 +152,7 @@ class Store:
     def _open_database(self, codec: ContentCodec, used_before: bool) -> None:
         if self.db.is_new:
             # meta.sqlite emptied, or lost beside object files: starting afresh would hide the loss
-            if used_before or next((self.path / "objects").glob("??/*"), None) is not None:
+            if used_before or any(next(self.path.glob(files), None) for files in ("objects/??/*", "packs/*")):
                 raise StoreOpenError(f"{self.path / 'meta.sqlite'}: the metadata database is missing or empty, but "
                                      "the store was in use: without it its files cannot be read. Restore it, "
                                      "or move the store away to start afresh")
@@ -171,6 +176,8 @@ class Store:
             self.objects = ObjectFiles(self.path / "objects", self.db.get_meta("object_levels") or 2)
         except ValueError as e:
             raise StoreOpenError(f"{self.path / 'meta.sqlite'}: {e} (a newer tempfs?)") from None
+        # dead objects' files that a daemon before schema 6 kept to rewrite: nothing refers to them
+        shutil.rmtree(self.path / "objects" / "free", ignore_errors=True)
 
     def _secure_metadata(self, codec: ContentCodec) -> None:
         """Migration of a store written before names were encrypted and block map entries and
@@ -196,7 +203,8 @@ class Store:
         self.db.shred_after_commit()
 
     def close(self) -> None:
-        self.objects.sync()
+        self.packs.close()
+        self.packs.sync()
         self.db.close()
         if not self.needs_recovery:
             (self.path / UNCLEAN_MARK).unlink(missing_ok=True)
@@ -216,15 +224,44 @@ class Store:
         if shred:
             self.db.shred_after_commit()
         if durable:
-            await trio.to_thread.run_sync(self.objects.sync)
+            await trio.to_thread.run_sync(self.packs.sync)
         if durable or self.db.dirty:
             await trio.to_thread.run_sync(self.db.commit_deferred(durable))
 
-    def keep_free_files(self, keep: bool) -> bool:
-        """Whether dead objects' files are kept to be rewritten (up to FREE_FILES_BYTES); turning
-        it off deletes those kept. True if that freed any."""
-        self.objects.keep_free = keep
-        return not keep and self.objects.drop_free() > 0
+    async def compact(self, min_dead: float = COMPACT_DEAD, max_packs: int = 8) -> int:
+        """Moves what lives in packs at least `min_dead` dead (by bytes) to new packs, and
+        deletes them once the move is durable; returns how many went."""
+        packs = (await self.blocks.compact_candidates(min_dead))[:max_packs]
+        if not packs:
+            return 0
+        for pack in packs:
+            await self.blocks.move_pack(pack)
+        await self.commit(durable=True)  # before the old packs go: a power cut keeps one copy
+        for pack in packs:
+            self.blocks.remove_pack_if_dead(pack)
+        await self.commit()
+        log.info("compacted %d packs", len(packs))
+        return len(packs)
+
+    async def reclaim_disk(self) -> int:
+        """Gives the disk back every dead byte worth moving for (the disk is short): ends the
+        packs being appended to that hold dead objects, and compacts all that do; returns how
+        many packs went."""
+        self.packs.seal(list(self.blocks.dead_bytes))
+        gone = 0
+        while (n := await self.compact(min_dead=RECLAIM_DEAD)) > 0:
+            gone += n
+        return gone
+
+    async def run_compactor(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(COMPACT_INTERVAL)
+            try:
+                while await self.compact() > 0:
+                    pass
+            except (sqlite3.Error, OSError) as e:  # e.g. the disk is full: retried at the next look
+                log.error("cannot compact packs (%s)", e)
 
     def commit_now(self) -> None:
         """Commits from synchronous code (opening, laying out the tree, tools)."""

@@ -1,0 +1,217 @@
+"""Pack files: sealed objects appended back to back in files of up to PACK_MAX bytes under
+STORE/packs/, each located by the (pack, offset, stored size) of its metadata row.
+
+Creating a file per object cost more CPU than sealing it (ext4's inode allocator slows down
+under the create/delete churn of a temp store); appending to an open file costs a copy. Each
+stream (an area, or the compactor) appends to its own pack, so what is written together, and
+expires together, shares files: a pack mostly empties as a whole and is then deleted. The
+compactor (BlockStore.compact) moves what lives in a mostly dead pack to a new one.
+
+Guarantees:
+- Bytes are only appended past every reservation made so far, never written over, so the bytes
+  a row points at never change while it does.
+- `sync()` makes every append since the last sync durable (and the folder entry of each new
+  pack), so metadata committed after it never points at data a power cut lost.
+- A pack is deleted only when `busy()` is false: it is not being appended to and every append
+  into it has been settled (its row inserted, or given up), so no reference can be on its way.
+  A pack emptied while being appended to is ended (`release`), so it goes too.
+- Reads are bounded in size and a short read is an error: every byte read back is untrusted.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Hashable, Iterable
+
+from .objects import MAX_OBJECT_BYTES
+
+PACK_MAX = 32 * 1024 * 1024  # bytes appended to a pack before the next one starts
+_PACK_NAME = re.compile(r"[0-9a-f]{16}")
+
+
+@dataclass(eq=False)
+class _OpenPack:
+    id: int
+    fd: int
+    end: int = 0        # the next append's offset
+    writers: int = 0    # appends running now
+    retired: bool = False  # full: its fd closes when its last append ends
+
+
+class PackFiles:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = threading.Lock()  # appends run in worker threads
+        self._open: dict[Hashable, _OpenPack] = {}  # stream -> the pack it appends to
+        self._unsettled: Counter[int] = Counter()  # pack -> appends whose row is not settled
+        self._unsynced: set[int] = set()
+        self._folder_unsynced = False
+
+    def path(self, pack_id: int) -> Path:
+        return self.root / f"{pack_id:016x}"
+
+    # ---- appending (worker threads) ----------------------------------------------------------
+    def append(self, data: bytes, stream: Hashable) -> tuple[int, int]:
+        """Appends sealed bytes to the stream's pack; returns (pack, offset). The caller settles
+        the append (`settle`) once the row pointing at it is in the metadata, or given up."""
+        with self._lock:
+            pack = self._open.get(stream)
+            if pack is None or (pack.end and pack.end + len(data) > PACK_MAX):
+                if pack is not None:
+                    self._retire(pack)
+                pack = self._open[stream] = self._start()
+            offset = pack.end
+            pack.end += len(data)
+            pack.writers += 1
+            self._unsettled[pack.id] += 1
+        try:
+            _pwrite_all(pack.fd, data, offset)
+        except BaseException:
+            with self._lock:
+                self._unsettle(pack.id)
+            raise
+        finally:
+            with self._lock:
+                pack.writers -= 1
+                if pack.retired and pack.writers == 0:
+                    os.close(pack.fd)
+                self._unsynced.add(pack.id)
+        return pack.id, offset
+
+    def _start(self) -> _OpenPack:
+        """A new, empty pack (under the lock)."""
+        self.root.mkdir(exist_ok=True)  # the store folder itself is never made here
+        pack_id = secrets.randbits(63)
+        fd = os.open(self.path(pack_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._folder_unsynced = True
+        return _OpenPack(pack_id, fd)
+
+    def _retire(self, pack: _OpenPack) -> None:
+        pack.retired = True
+        if pack.writers == 0:
+            os.close(pack.fd)
+
+    def _unsettle(self, pack_id: int) -> None:
+        self._unsettled[pack_id] -= 1
+        if self._unsettled[pack_id] <= 0:
+            del self._unsettled[pack_id]
+
+    def settle(self, pack_ids: Iterable[int]) -> None:
+        """One call per append returned: its row is in the metadata, or will never be."""
+        with self._lock:
+            for pack_id in pack_ids:
+                self._unsettle(pack_id)
+
+    def busy(self, pack_id: int) -> bool:
+        """Being appended to, or holding appends not yet settled: not to be deleted."""
+        with self._lock:
+            return pack_id in self._unsettled or any(p.id == pack_id for p in self._open.values())
+
+    def release(self, pack_id: int) -> bool:
+        """True if nothing can come into the pack any more (it is not busy, or was being appended
+        to with no append unsettled: it is ended, and the stream's next append starts a new one)."""
+        with self._lock:
+            if pack_id in self._unsettled:
+                return False
+            self._end({pack_id})
+            return True
+
+    def seal(self, pack_ids: Iterable[int]) -> None:
+        """Ends these packs if they are being appended to: the next appends start new ones (the
+        compactor takes only packs that nothing appends to)."""
+        with self._lock:
+            self._end(set(pack_ids))
+
+    def seal_all(self) -> None:
+        with self._lock:
+            self._end({pack.id for pack in self._open.values()})
+
+    def _end(self, pack_ids: set[int]) -> None:
+        """(Under the lock.)"""
+        for stream, pack in list(self._open.items()):
+            if pack.id in pack_ids:
+                self._retire(pack)
+                del self._open[stream]
+
+    # ---- reading, syncing, deleting ----------------------------------------------------------
+    def read(self, pack_id: int, offset: int, size: int) -> bytes:
+        if not 0 <= size <= MAX_OBJECT_BYTES or offset < 0:
+            raise OSError(f"pack {pack_id:016x}: no object of {size} bytes at {offset}")
+        fd = os.open(self.path(pack_id), os.O_RDONLY)
+        try:
+            data = os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            raise OSError(f"pack {pack_id:016x} ends before the object at {offset} ({len(data)} of {size} bytes)")
+        return data
+
+    def sync(self) -> None:
+        """fsyncs every pack appended to since the last sync, and the folder if a pack was made."""
+        with self._lock:
+            pending, self._unsynced = self._unsynced, set()
+            folder, self._folder_unsynced = self._folder_unsynced, False
+        try:
+            for pack_id in pending:
+                try:
+                    fd = os.open(self.path(pack_id), os.O_RDONLY)
+                except FileNotFoundError:
+                    continue  # deleted since: nothing references it
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if folder:
+                fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError:
+            with self._lock:  # not durable: the next sync tries again
+                self._unsynced |= pending
+                self._folder_unsynced |= folder
+            raise
+
+    def remove(self, pack_id: int) -> bool:
+        """Deletes a pack unless it is busy; True if it is gone."""
+        if self.busy(pack_id):
+            return False
+        self.path(pack_id).unlink(missing_ok=True)
+        with self._lock:
+            self._unsynced.discard(pack_id)
+        return True
+
+    def sizes(self) -> tuple[dict[int, int], list[str]]:
+        """{pack id: size} of the pack files on disk, and the paths of other files there."""
+        packs: dict[int, int] = {}
+        strays: list[str] = []
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return packs, strays
+        for entry in entries:
+            try:
+                if _PACK_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False) \
+                        and int(entry.name, 16) < 2**63:
+                    packs[int(entry.name, 16)] = entry.stat(follow_symlinks=False).st_size
+                else:
+                    strays.append(entry.path)
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+        return packs, strays
+
+    def close(self) -> None:
+        self.seal_all()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
