@@ -626,6 +626,9 @@ def render_status(console, mountpoint: Path, status: dict) -> None:
     if status.get("folders"):
         console.print()
         console.print(_folders_table(status["folders"]))
+    if total.get("pack_bytes") is not None:
+        console.print(f"  packs on disk: {_size(total['pack_bytes'])} (the stored bytes not kept in the metadata, "
+                      "and deleted ones not compacted yet)", soft_wrap=True, style="dim")
     if daemon.get("dirty_bytes"):
         console.print(f"  ({_size(daemon['dirty_bytes'])} written is still in memory: its stored size, and the "
                       "savings, settle within seconds)", soft_wrap=True, style="dim")

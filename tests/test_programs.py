@@ -1012,6 +1012,7 @@ def test_dedup_same_20mb_in_five_files(mounted, tmp_path):
     assert total["logical_bytes"] >= 5 * 20 * MiB
     assert 19 * MiB <= total["stored_bytes"] <= 26 * MiB, total
     assert mounted.stop()
+    assert sum(p.stat().st_size for p in (mounted.store / "packs").iterdir()) == total["pack_bytes"]
     du = int(sh("du", "-sb", mounted.store / "packs").stdout.split()[0])
     assert du < 30 * MiB, f"packs take {du} bytes"
     assert du >= 19 * MiB, f"packs take only {du} bytes for 20 MB of random data?"

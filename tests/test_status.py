@@ -121,6 +121,8 @@ def test_format_status_of_an_older_daemon_shows_dashes():
                                              "seconds": 0.5, "finished_ns": int((time.time() - 7200) * 1e9)}))
     out = format_status(Path("/m"), full)
     assert re.search(r"cache hit rate\s+50\.0 %", out)
+    assert "packs on disk" not in out
+    assert "packs on disk: 3.0 MiB" in format_status(Path("/m"), dict(old, total=dict(old["total"], pack_bytes=3 * 2**20)))
     assert "99 runs, 1 failed, 99.00 % succeeded" in out and "read 2.00 MiB/s" in out
     assert "alerts: 1 active" in out and "capacity:cache: cache/ holds 85 % of its limit (since" in out
     assert re.search(r"last check\s+(1h 59m|2h 0m) ago: clean; 12 objects, 4.0 KiB in 0.5 s", out), out

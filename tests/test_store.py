@@ -1657,3 +1657,26 @@ def test_a_failed_pack_sync_keeps_the_packs_pending(tmp_path, monkeypatch):
     assert packs.read(where[2][0], 8, 8) == b"sealed 2"
     with pytest.raises(OSError):
         packs.read(where[2][0], 8, 9)  # past its end
+
+
+def test_a_pack_that_cannot_be_started_fails_the_append_and_the_next_starts_afresh(tmp_path, monkeypatch):
+    from tempfs.store import packs as packs_module
+    monkeypatch.setattr(packs_module, "PACK_MAX", 16)
+    packs = packs_module.PackFiles(tmp_path / "packs")
+    first, _ = packs.append(b"x" * 10, "a")
+    real_open = os.open
+
+    def disk_full(path, flags, *args):
+        if flags & os.O_EXCL:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", disk_full)
+    with pytest.raises(OSError):
+        packs.append(b"y" * 10, "a")  # the pack is full and no new one can be made
+    monkeypatch.setattr(os, "open", real_open)
+    second, offset = packs.append(b"y" * 10, "a")
+    assert second != first and offset == 0
+    packs.settle([first, second])
+    packs.close()
+    assert packs.read(first, 0, 10) == b"x" * 10 and packs.read(second, 0, 10) == b"y" * 10
+    assert not packs.busy(first) and not packs.busy(second)

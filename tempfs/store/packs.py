@@ -64,6 +64,7 @@ class PackFiles:
             if pack is None or (pack.end and pack.end + len(data) > PACK_MAX):
                 if pack is not None:
                     self._retire(pack)
+                    del self._open[stream]  # even if no new one can be made (the disk is full)
                 pack = self._open[stream] = self._start()
             offset = pack.end
             pack.end += len(data)

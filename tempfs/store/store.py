@@ -622,7 +622,8 @@ class Store:
     # ---- accounting ----------------------------------------------------------------------
     def usage(self) -> dict:
         """Per area: files, logical bytes, stored bytes (objects shared by areas count in each);
-        total: stored bytes once per object, as on disk."""
+        total: stored bytes once per object, and the bytes of the packs on disk (their live
+        objects, and dead ones not compacted yet)."""
         areas = {self.shown_name(ROOT_INODE, name): {"files": 0, "logical_bytes": 0, "stored_bytes": 0}
                  for (name,) in self.db.execute("SELECT name FROM entries WHERE parent=?", (ROOT_INODE,))}
         for area, files, logical in self.db.execute(
@@ -635,7 +636,7 @@ class Store:
         files, logical = self.db.one("SELECT COUNT(*), CAST(TOTAL(size) AS INTEGER) FROM inodes "
                                      "WHERE kind=? AND (mode & ?) != ?", (Kind.FREE, _S_IFMT, stat.S_IFDIR))
         total = {"files": files, "logical_bytes": logical, "stored_bytes": self.stored_bytes(),
-                 "objects": self._total("objects")}
+                 "objects": self._total("objects"), "pack_bytes": sum(self.packs.sizes()[0].values())}
         return {"areas": areas, "total": total}
 
     def savings(self) -> dict:
