@@ -41,6 +41,7 @@ FLUSH_PARALLELISM = 3    # batches sealed at once (2 cores, plus disk waits)
 FLUSH_BATCH = 8          # blocks per trip to a worker thread: a trip costs ~0.2 ms
 INLINE_MAX = 32 * 1024   # sealed objects up to this size live in the metadata, not in files
 READAHEAD_BLOCKS = 8     # blocks loaded ahead of a reader that reads a file in order
+READAHEAD_BATCH = 4      # asked for once this many are left to ask: one query, one trip to a worker
 READAHEAD_PARALLELISM = 4
 READERS_TRACKED = 1024   # files whose next block in order is remembered
 COMPACT_DEAD = 0.5       # a pack this dead (by bytes) has what lives in it moved, and goes
@@ -119,22 +120,31 @@ class BlockStore:
             self._in_order[inode] = (last + 1, 0)
             return
         start, stop = max(asked, last + 1), last + 1 + READAHEAD_BLOCKS
-        self._in_order[inode] = (last + 1, max(asked, stop))
-        for blockno in range(start, stop):
-            if (inode, blockno) in self.dirty:
-                continue
+        if stop - start < READAHEAD_BATCH:  # enough asked for already: ask in batches
+            self._in_order[inode] = (last + 1, asked)
+            return
+        self._in_order[inode] = (last + 1, stop)
+        wanted = [object_id for object_id in self._mapped_range(inode, start, stop)
+                  if object_id not in self._clean and object_id not in self._loading]
+        for i in range(0, len(wanted), READAHEAD_BATCH):
+            batch = wanted[i:i + READAHEAD_BATCH]
             try:
-                object_id = self._mapped(inode, blockno)
-            except BlockReadError:
-                continue  # the reader will meet it (and report it) if it gets there
-            if object_id is None or object_id in self._clean or object_id in self._loading:
-                continue
-            try:
-                self._ahead_send.send_nowait(object_id)
+                self._ahead_send.send_nowait(batch)
             except trio.WouldBlock:
                 return  # far behind: the reader loads the rest itself
-            # marked now, not when the loader gets to it: a reader asking first waits for it
-            self._loading[object_id] = trio.Event()
+            for object_id in batch:  # marked now, not when the loader gets to it: a reader asking first waits
+                self._loading[object_id] = trio.Event()
+
+    def _mapped_range(self, inode: int, start: int, stop: int) -> list[int]:
+        """The distinct objects blocks start..stop-1 are stored in, those not dirty and whose
+        block map entry authenticates (the reader meets, and reports, the others)."""
+        out: dict[int, None] = {}
+        for blockno, object_id, tag in self.db.execute(
+                "SELECT blockno, object, tag FROM blocks WHERE inode=? AND blockno>=? AND blockno<?",
+                (inode, start, stop)):
+            if (inode, blockno) not in self.dirty and tag == self.codec.block_tag(inode, blockno, object_id):
+                out[object_id] = None
+        return list(out)
 
     async def run_read_ahead(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Loads the objects _read_ahead asked for, READAHEAD_PARALLELISM at a time."""
@@ -143,25 +153,27 @@ class BlockStore:
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
-                async for object_id in self._ahead_receive:
-                    nursery.start_soon(self._load_ahead, object_id, slots)
+                async for object_ids in self._ahead_receive:
+                    nursery.start_soon(self._load_ahead, object_ids, slots)
         finally:
             self._reading_ahead = False
             for loading in self._loading.values():  # asked for, never loaded: readers load them
                 loading.set()
             self._loading.clear()
 
-    async def _load_ahead(self, object_id: int, slots: trio.CapacityLimiter) -> None:
+    async def _load_ahead(self, object_ids: list[int], slots: trio.CapacityLimiter) -> None:
         try:
             async with slots:
-                facts = self._sealing_facts(object_id)
-                plain = await trio.to_thread.run_sync(self._load, object_id, facts)
-            if not isinstance(plain, Exception):  # a failure is the reader's to report
-                self._remember(object_id, plain)
+                facts = {object_id: self._sealing_facts(object_id) for object_id in object_ids}
+                loaded = await trio.to_thread.run_sync(self._load_many, facts)
+            for object_id, plain in loaded.items():
+                if not isinstance(plain, Exception):  # a failure is the reader's to report
+                    self._remember(object_id, plain)
         finally:
-            loading = self._loading.pop(object_id, None)
-            if loading is not None:
-                loading.set()
+            for object_id in object_ids:
+                loading = self._loading.pop(object_id, None)
+                if loading is not None:
+                    loading.set()
 
     async def _blocks(self, inode: int, blocknos: range) -> list[bytes]:
         """The current content of some blocks of a file, with one trip to the worker threads
