@@ -25,7 +25,7 @@ import sqlite3
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import trio
 
@@ -164,8 +164,7 @@ class BlockStore:
     async def _load_ahead(self, object_ids: list[int], slots: trio.CapacityLimiter) -> None:
         try:
             async with slots:
-                facts = {object_id: self._sealing_facts(object_id) for object_id in object_ids}
-                loaded = await trio.to_thread.run_sync(self._load_many, facts)
+                loaded = await trio.to_thread.run_sync(self._load_many, self._sealing_facts_of(object_ids))
             for object_id, plain in loaded.items():
                 if not isinstance(plain, Exception):  # a failure is the reader's to report
                     self._remember(object_id, plain)
@@ -198,7 +197,7 @@ class BlockStore:
                     self.misses += 1
             if not wanted:
                 return [found[b] for b in blocknos]
-            facts = {oid: self._sealing_facts(oid) for oid in set(wanted.values())}
+            facts = self._sealing_facts_of(set(wanted.values()))
             loaded = await trio.to_thread.run_sync(self._load_many, facts)
             for blockno, object_id in wanted.items():
                 plain = loaded[object_id]
@@ -234,8 +233,14 @@ class BlockStore:
     def _sealing_facts(self, object_id: int) -> Optional[tuple]:
         """(wrapped key, digest, sealed bytes if inline, pack, offset, stored size) of an object,
         as the metadata records them."""
-        return self.db.one("SELECT wrapped_key, digest, data, pack, offset, stored_size FROM objects WHERE id=?",
-                           (object_id,))
+        return self.db.one(f"SELECT {_FACTS} FROM objects WHERE id=?", (object_id,))
+
+    def _sealing_facts_of(self, object_ids: Iterable[int]) -> dict[int, Optional[tuple]]:
+        """_sealing_facts of several objects, in one query."""
+        ids = list(object_ids)
+        found = {row[0]: row[1:] for row in self.db.execute(
+            f"SELECT id, {_FACTS} FROM objects WHERE id IN ({','.join('?' * len(ids))})", ids)}
+        return {object_id: found.get(object_id) for object_id in ids}
 
     def _load_many(self, facts: dict[int, Optional[tuple]]) -> dict[int, bytes | Exception]:
         return {object_id: self._load(object_id, known) for object_id, known in facts.items()}
@@ -587,6 +592,7 @@ class BlockStore:
 
 
 _STORAGE = "refcount, data IS NOT NULL, pack, stored_size"  # what dropping an object needs
+_FACTS = "wrapped_key, digest, data, pack, offset, stored_size"  # what loading it needs
 
 
 @dataclass(eq=False)
