@@ -1095,7 +1095,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(else ${ENV_PASSPHRASE} or the systemd credential tempfs-passphrase)")
     f.add_argument("--config", help="config file (default: config/tempfs.toml, or the defaults if missing)")
     f.add_argument("--no-repair", action="store_true", help="report problems, change nothing")
-    f.add_argument("--quick", action="store_true", help="check that object files exist, not their content")
+    f.add_argument("--quick", action="store_true", help="check that every object's bytes are there, not their content")
     f.add_argument("--json", action="store_true", help="machine-readable report")
     f.set_defaults(func=cmd_fsck, mountpoint=None, log_file=None)
     p = sub.add_parser("passwd", help="set or change a store's passphrase (rewrites its key slot only)")

@@ -5,7 +5,7 @@ Guarantees:
   shrink it, as with JPEG frames) and then sealed with AES-256-GCM.
 - Every object has a key of its own, random, kept only in the metadata wrapped (AES-GCM) by a
   key derived from the master key. Destroying that wrapped key destroys the object's content
-  for good, even for someone holding the master key and the object file (crypto-shredding).
+  for good, even for someone holding the master key and the sealed object (crypto-shredding).
 - An object is bound to its identity: the object id is in the associated data of both the
   content and its wrapped key, and its dedup digest in that of the wrapped key, so a swapped,
   truncated or altered object, or an edited digest (which would let a later write deduplicate

@@ -120,9 +120,9 @@ def serve(store: Store, config: Config, mountpoint: Path, events_path: Optional[
 
 
 def check_after_crash(store: Store, monitor: Monitor) -> Optional[dict]:
-    """The quick part of the whole-store check (object files present, not read), with repairs:
-    after an unclean shutdown it removes the object files that a crash between writing an
-    object and committing it (or between a commit and the removals after it) leaves, and finds
+    """The quick part of the whole-store check (objects' bytes present, not read), with repairs:
+    after an unclean shutdown it removes the packs that a crash between appending objects and
+    committing them (or between a commit and the removals after it) leaves, and finds
     anything else amiss. Returns its report for status (None if it failed); logs a summary."""
     log.warning("%s was not closed cleanly (the daemon was killed or the machine stopped): "
                 "running the quick store check before serving", store.path)

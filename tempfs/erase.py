@@ -8,8 +8,8 @@ Guarantees:
 - When `erase` returns, the removal is durable and the content is shredded: tempfs frees a
   removed file's content as soon as it is closed and unnamed, and the final fsync of the mount's
   root commits it, deletes the packs it emptied and checkpoints the metadata so the object keys
-  do not survive in it (what is left of the content in other packs cannot be decrypted). An entry still open by a program keeps its content until closed; the
-  report lists it.
+  do not survive in it (what is left of the content in other packs cannot be decrypted). An
+  entry still open by a program keeps its content until closed; the report lists it.
 - The report holds names and sizes, never content.
 """
 from __future__ import annotations
@@ -169,8 +169,8 @@ def _open_inodes(mountpoint: Path) -> set[int]:
 
 
 def _make_durable(mountpoint: Path) -> None:
-    """fsync of a folder in tempfs commits the metadata durably; the commit removes the freed
-    object files and checkpoints the metadata so no destroyed key survives in it."""
+    """fsync of a folder in tempfs commits the metadata durably; the commit deletes the packs it
+    emptied and checkpoints the metadata so no destroyed key survives in it."""
     fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

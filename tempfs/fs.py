@@ -79,7 +79,7 @@ def _errors(method):
         except OSError as e:  # the disk under the store: ENOSPC, EIO, ...
             log.error("%s failed: %s", method.__name__, e)
             # a full or read-only disk means something to the program; the store's own paths
-            # (ENOENT, EISDIR, ... of an object file) do not
+            # (ENOENT, EISDIR, ... of a pack) do not
             raise FUSEError(e.errno if e.errno in _DISK_ERRNOS else errno.EIO) from None
         except sqlite3.OperationalError as e:  # e.g. another process holds the metadata database
             log.error("%s failed: the metadata database: %s", method.__name__, e)

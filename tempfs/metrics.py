@@ -210,7 +210,7 @@ def render(snap: dict) -> Iterator[Metric]:
     yield counter("tempfs_deletes", "Entries removed by programs (unlink, rmdir).", "deletes")
     yield CounterMetricFamily("tempfs_cache_hits", "Block reads answered from the in-memory cache.",
                               value=snap["cache_hits"])
-    yield CounterMetricFamily("tempfs_cache_misses", "Block reads that had to read and decrypt an object file.",
+    yield CounterMetricFamily("tempfs_cache_misses", "Block reads that had to read and decrypt a stored object.",
                               value=snap["cache_misses"])
 
     histogram = HistogramMetricFamily("tempfs_operation_seconds", "Time to answer a FUSE request, per operation.",

@@ -84,8 +84,8 @@ class BlockStore:
         self._room_lot = trio.lowlevel.ParkingLot()
         self.dead_bytes: Counter[int] = Counter()  # pack -> bytes of its objects dropped since the store opened
         self._packs_scanned = False  # compact_candidates has looked at every pack once
-        self.doomed: set[int] = set()     # object files whose row is gone, removed after the commit
-        self.hits = self.misses = 0       # block reads answered from memory / from object files
+        self.doomed: set[int] = set()     # object files (schema < 6) whose row is gone, removed after the commit
+        self.hits = self.misses = 0       # block reads answered from memory / from the store
         self._loading: dict[int, trio.Event] = {}  # object id -> set when its load ahead ends
         self._reading_ahead = False                  # run_read_ahead is running
         self._in_order: dict[int, tuple[int, int]] = {}  # inode -> (next block asked, first not yet asked ahead)
@@ -432,8 +432,8 @@ class BlockStore:
             claim.digest = digest
             if digest is not None and digest not in new and self._object_of(digest) is None:
                 new[digest] = (secrets.randbits(63), claim.plain, claim.block.tag)
-        written = await trio.to_thread.run_sync(
-            self._seal_and_write_many, [(object_id, plain, digest, tag) for digest, (object_id, plain, tag) in new.items()])
+        items = [(object_id, plain, digest, tag) for digest, (object_id, plain, tag) in new.items()]
+        written = await trio.to_thread.run_sync(self._seal_and_write_many, items)
         added: dict[bytes, int] = {}  # digest -> the object this batch stored for it
         try:
             # what a row does not take (a concurrent batch stored the same content first, or the
@@ -441,8 +441,8 @@ class BlockStore:
             for digest, (object_id, plain, _), (stored_size, wrapped_key, inline, pack, offset) in zip(
                     new, new.values(), written):
                 if self.db.execute(
-                        "INSERT INTO objects(id, digest, refcount, plain_size, stored_size, wrapped_key, data, pack, offset) "
-                        "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        "INSERT INTO objects(id, digest, refcount, plain_size, stored_size, wrapped_key, data, pack, "
+                        "offset) VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                         (object_id, digest, len(plain), stored_size, wrapped_key, inline, pack, offset)).rowcount:
                     added[digest] = object_id
         finally:

@@ -297,7 +297,7 @@ class Database:
         self._shred = True
 
     def after_commit(self, hook: Callable[[], None]) -> None:
-        """Runs `hook` once the current transaction has committed (e.g. deleting object files
+        """Runs `hook` once the current transaction has committed (e.g. deleting packs
         that the committed metadata no longer references)."""
         self._after_commit.append(hook)
 

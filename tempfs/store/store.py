@@ -151,7 +151,7 @@ class Store:
 
     def _open_database(self, codec: ContentCodec, used_before: bool) -> None:
         if self.db.is_new:
-            # meta.sqlite emptied, or lost beside object files: starting afresh would hide the loss
+            # meta.sqlite emptied, or lost beside packs: starting afresh would hide the loss
             if used_before or any(next(self.path.glob(files), None) for files in ("objects/??/*", "packs/*")):
                 raise StoreOpenError(f"{self.path / 'meta.sqlite'}: the metadata database is missing or empty, but "
                                      "the store was in use: without it its files cannot be read. Restore it, "
