@@ -741,6 +741,28 @@ async def test_a_mostly_dead_pack_is_compacted_and_what_lives_in_it_still_reads(
 
 
 @trio_test
+async def test_a_quiet_pack_being_filled_is_compacted_once_mostly_dead(opener):
+    store = opener(cache_limit=0)
+    d = leaf(store)
+    keep = random.Random(1).randbytes(BLOCK_SIZE)
+    f, g = new_file(store, d, b"keep"), new_file(store, d, b"drop")
+    await store.write(f, 0, keep)
+    await store.write(g, 0, random.Random(2).randbytes(3 * BLOCK_SIZE))
+    await store.sync()
+    (filling,) = pack_files(store)
+    store.remove_inode(store.unlink(d, b"drop", want_dir=False).id)
+    await store.commit()
+    assert await store.compact() == 0  # appended to a moment ago: the area may go on writing
+    assert await store.compact(idle=0) == 1
+    assert filling not in pack_files(store) and packs_used(store) == pack_files(store)
+    assert await store.read(f, 0, 2 * BLOCK_SIZE) == keep
+    g2 = new_file(store, d, b"next")  # the area's next write starts a new pack
+    await store.write(g2, 0, random.Random(3).randbytes(BLOCK_SIZE))
+    await store.sync()
+    assert len(pack_files(store)) == 2 and await store.read(f, 0, 2 * BLOCK_SIZE) == keep
+
+
+@trio_test
 async def test_a_pack_left_without_rows_is_deleted_by_the_first_compaction(opener):
     """Appended, then the process died before the commit: the next daemon deletes the pack."""
     store = opener(cache_limit=0)

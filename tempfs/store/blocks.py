@@ -45,6 +45,7 @@ READAHEAD_BATCH = 4      # asked for once this many are left to ask: one query, 
 READAHEAD_PARALLELISM = 4
 READERS_TRACKED = 1024   # files whose next block in order is remembered
 COMPACT_DEAD = 0.5       # a pack this dead (by bytes) has what lives in it moved, and goes
+COMPACT_IDLE = 30.0      # seconds without an append after which a pack being filled may be compacted
 COMPACTED = ("compacted",)  # the pack stream of moved objects (areas' streams are their names)
 
 
@@ -530,9 +531,11 @@ class BlockStore:
             self.db.after_commit(lambda: self._remove_doomed(object_id))
 
     # ---- compaction ----------------------------------------------------------------------
-    async def compact_candidates(self, min_dead: float = COMPACT_DEAD) -> list[int]:
-        """Packs nothing appends to and at least `min_dead` dead: all of them the first time
-        (what a crash or an older daemon left), then those that lost objects since."""
+    async def compact_candidates(self, min_dead: float = COMPACT_DEAD, idle: float = COMPACT_IDLE) -> list[int]:
+        """Packs nothing appends to (or nothing did for `idle` seconds) and at least `min_dead`
+        dead: all of them the first time (what a crash or an older daemon left), then those
+        that lost objects since."""
+        self.packs.seal_idle(self.dead_bytes, min_dead, idle)
         sizes, _strays = await trio.to_thread.run_sync(self.packs.sizes)
         if self._packs_scanned:
             live = {pack: self.db.one("SELECT coalesce(SUM(stored_size), 0) FROM objects WHERE pack=?", (pack,))[0]

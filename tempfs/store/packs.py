@@ -23,10 +23,11 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Hashable, Iterable
+from typing import Hashable, Iterable, Mapping
 
 from .objects import MAX_OBJECT_BYTES
 
@@ -40,6 +41,7 @@ class _OpenPack:
     fd: int
     end: int = 0        # the next append's offset
     writers: int = 0    # appends running now
+    last_append: float = 0.0  # time.monotonic() of the last one
     retired: bool = False  # full: its fd closes when its last append ends
 
 
@@ -69,6 +71,7 @@ class PackFiles:
             offset = pack.end
             pack.end += len(data)
             pack.writers += 1
+            pack.last_append = time.monotonic()
             self._unsettled[pack.id] += 1
         try:
             _pwrite_all(pack.fd, data, offset)
@@ -127,6 +130,16 @@ class PackFiles:
         compactor takes only packs that nothing appends to)."""
         with self._lock:
             self._end(set(pack_ids))
+
+    def seal_idle(self, dead_bytes: Mapping[int, int], min_dead: float, idle: float) -> None:
+        """Ends the packs nothing was appended to for `idle` seconds that are at least `min_dead`
+        dead (so the compactor can take them: a quiet area's last pack would otherwise keep
+        its dead bytes until it fills)."""
+        now = time.monotonic()
+        with self._lock:
+            self._end({pack.id for pack in self._open.values()
+                       if now - pack.last_append >= idle and pack.id not in self._unsettled
+                       and dead_bytes.get(pack.id, 0) >= min_dead * pack.end})
 
     def seal_all(self) -> None:
         with self._lock:

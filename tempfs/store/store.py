@@ -29,7 +29,7 @@ import trio
 from ..codec import SEAL_OVERHEAD, ContentCodec, IntegrityError
 from ..layout import Kind
 from ..names import MetadataCipher
-from .blocks import COMPACT_DEAD, INLINE_MAX, BlockStore
+from .blocks import COMPACT_DEAD, COMPACT_IDLE, INLINE_MAX, BlockStore
 from .db import Database
 from .objects import ObjectFiles
 from .packs import PackFiles
@@ -228,10 +228,11 @@ class Store:
         if durable or self.db.dirty:
             await trio.to_thread.run_sync(self.db.commit_deferred(durable))
 
-    async def compact(self, min_dead: float = COMPACT_DEAD, max_packs: int = 8) -> int:
+    async def compact(self, min_dead: float = COMPACT_DEAD, max_packs: int = 8, idle: float = COMPACT_IDLE) -> int:
         """Moves what lives in packs at least `min_dead` dead (by bytes) to new packs, and
-        deletes them once the move is durable; returns how many went."""
-        packs = (await self.blocks.compact_candidates(min_dead))[:max_packs]
+        deletes them once the move is durable; returns how many went. A pack being filled is
+        taken too once nothing was appended to it for `idle` seconds."""
+        packs = (await self.blocks.compact_candidates(min_dead, idle))[:max_packs]
         if not packs:
             return 0
         for pack in packs:
