@@ -519,7 +519,7 @@ class BlockStore:
         """Drops an object whose _STORAGE row says nothing references it."""
         if row is None or row[0] > 0:
             return
-        refcount, inline, pack, stored_size = row
+        _, inline, pack, stored_size = row
         self.db.execute("DELETE FROM objects WHERE id=?", (object_id,))
         self.db.shred_after_commit()
         self._forget_object(object_id)
@@ -581,9 +581,13 @@ class BlockStore:
             raise
         return out
 
+    def pack_referenced(self, pack: int) -> bool:
+        """Some object row points into the pack."""
+        return self.db.one("SELECT 1 FROM objects WHERE pack=? LIMIT 1", (pack,)) is not None
+
     def remove_pack_if_dead(self, pack: int) -> None:
         """Deletes a pack after the commit if no row points into it any more, nor can."""
-        if self.db.one("SELECT 1 FROM objects WHERE pack=? LIMIT 1", (pack,)) is None and self.packs.release(pack):
+        if not self.pack_referenced(pack) and self.packs.release(pack):
             self.dead_bytes.pop(pack, None)
             self.db.after_commit(lambda: self.packs.remove(pack))
 

@@ -535,14 +535,15 @@ class _Checker:
     async def _check_pack_orphans(self, packs: dict[int, int]) -> None:
         # rows come into a pack only while it is busy (appended to, or appends unsettled): one
         # neither busy nor pointed into is an orphan, or empties with the coming commit
-        orphans = [p for p in packs if not self.store.packs.busy(p)
-                   and self.db.one("SELECT 1 FROM objects WHERE pack=? LIMIT 1", (p,)) is None]
+        def orphan(pack: int) -> bool:
+            return not self.store.packs.busy(pack) and not self.store.blocks.pack_referenced(pack)
+
+        orphans = [p for p in packs if orphan(p)]
         if not orphans:
             return
         await self.store.commit()
         await trio.sleep(ORPHAN_GRACE)
-        orphans = [p for p in orphans if not self.store.packs.busy(p)
-                   and self.db.one("SELECT 1 FROM objects WHERE pack=? LIMIT 1", (p,)) is None]
+        orphans = [p for p in orphans if orphan(p)]
         await self._remove_orphans([self.store.packs.path(p) for p in orphans], "packs",
                                    ("held no live object", "hold no live object"))
 

@@ -125,12 +125,6 @@ class PackFiles:
             self._end({pack_id})
             return True
 
-    def seal(self, pack_ids: Iterable[int]) -> None:
-        """Ends these packs if they are being appended to: the next appends start new ones (the
-        compactor takes only packs that nothing appends to)."""
-        with self._lock:
-            self._end(set(pack_ids))
-
     def seal_idle(self, dead_bytes: Mapping[int, int], min_dead: float, idle: float) -> None:
         """Ends the packs nothing was appended to for `idle` seconds that are at least `min_dead`
         dead (so the compactor can take them: a quiet area's last pack would otherwise keep

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Optional
 
 import trio
 
-from ..codec import SEAL_OVERHEAD, ContentCodec, IntegrityError
+from ..codec import ContentCodec, IntegrityError
 from ..layout import Kind
 from ..names import MetadataCipher
 from .blocks import COMPACT_DEAD, COMPACT_IDLE, INLINE_MAX, BlockStore
@@ -245,12 +245,11 @@ class Store:
         return len(packs)
 
     async def reclaim_disk(self) -> int:
-        """Gives the disk back every dead byte worth moving for (the disk is short): ends the
-        packs being appended to that hold dead objects, and compacts all that do; returns how
-        many packs went."""
-        self.packs.seal(list(self.blocks.dead_bytes))
+        """Gives the disk back every dead byte worth moving for (the disk is short): compacts
+        every pack that holds dead objects, those being appended to too; returns how many
+        packs went."""
         gone = 0
-        while (n := await self.compact(min_dead=RECLAIM_DEAD)) > 0:
+        while (n := await self.compact(min_dead=RECLAIM_DEAD, idle=0)) > 0:
             gone += n
         return gone
 
