@@ -22,7 +22,7 @@ from .config import Access, Config
 from .fs import SCHEMA_FOLDER_MODE, TempFS
 from .monitor import Monitor
 from .space import AreaRule
-from .mounts import fusermount_unmount
+from .mounts import fusermount_unmount, set_read_ahead
 from .store import Store
 from .store.check import check_store
 
@@ -32,6 +32,9 @@ CHECK_POLL = 1.0  # how often the daemon looks whether the whole-store check is 
 STORE_POLL = 1.0  # how often it looks whether its store folder is still there
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
+# The kernel's default (128 KiB) has a sequential reader ask for one block per request; 512 KiB
+# requests cost the request loop a quarter as many trips (cold sequential read 1.27x, measured)
+READ_AHEAD_KIB = 512
 SHUTDOWN_RETRY = 60.0  # how long unmounting retries storing what is left (full disk, locked database)
 
 
@@ -190,6 +193,7 @@ class _Daemon:
             if self.metrics is not None:
                 await nursery.start(self.metrics.run, self.ops)
             nursery.start_soon(self._on_signals)
+            nursery.start_soon(self._tune_read_ahead)
             await pyfuse3.main()
             self.must_unmount = self._terminated_by_us
             nursery.cancel_scope.cancel()
@@ -197,6 +201,18 @@ class _Daemon:
 
     _terminated_by_us = False
     metrics = None
+
+    async def _tune_read_ahead(self) -> None:
+        """Sets the mount's readahead once the kernel has its answer to INIT, which would
+        otherwise cap it back to the default: a statfs through the mount waits for that."""
+        def tune() -> None:
+            try:
+                os.statvfs(self.mountpoint)
+            except OSError:  # unmounted already
+                return
+            if set_read_ahead(self.mountpoint, READ_AHEAD_KIB):
+                log.debug("readahead of %s set to %d KiB", self.mountpoint, READ_AHEAD_KIB)
+        await trio.to_thread.run_sync(tune, abandon_on_cancel=True)
 
     async def _run_checks(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The seed's weekly whole-tree cleanup, made a check of the whole store: due

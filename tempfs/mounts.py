@@ -6,6 +6,7 @@ connected"), so stale mounts are found here instead, and cleaned up with fusermo
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import subprocess
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Optional
 
 FSTYPE = "fuse.tempfs"
+BDI_FOLDER = Path("/sys/class/bdi")  # the kernel's per-device settings, readahead among them
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,7 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
+    device: str = ""  # major:minor, the name of its readahead settings in BDI_FOLDER
 
 
 def _unescape(field: str) -> str:
@@ -36,8 +41,23 @@ def find_mount(path: Path) -> Optional[MountEntry]:
             left, _, right = line.partition(" - ")
             fields, tail = left.split(), right.split()
             if len(fields) >= 5 and len(tail) >= 2 and _unescape(fields[4]) == target:
-                found = MountEntry(target, tail[0], _unescape(tail[1]))
+                found = MountEntry(target, tail[0], _unescape(tail[1]), fields[2])
     return found
+
+
+def set_read_ahead(path: Path, kib: int) -> bool:
+    """Lets the kernel read ahead `kib` KiB (and so send reads that large) on the mount at
+    `path`; only root may. Found through mountinfo, never by asking the mount itself: its
+    daemon may be the caller, not serving yet."""
+    entry = find_mount(path)
+    if entry is None or not entry.device:
+        return False
+    try:
+        (BDI_FOLDER / entry.device / "read_ahead_kb").write_text(f"{kib}\n")
+    except OSError as e:  # not root, or a read-only /sys (a container): the kernel's default stays
+        log.debug("readahead of %s left at the kernel's default: %s", path, e)
+        return False
+    return True
 
 
 def is_stale(path: Path) -> bool:

@@ -27,6 +27,7 @@ from .codec import IntegrityError
 
 _PAD = 16
 _NONCE = 12
+NAMES_REMEMBERED = 4096  # stored forms of recent names: a create asks the same one 3-4 times
 _NAME, _XATTR_NAME, _TARGET, _XATTR_VALUE = b"name", b"xattr name", b"symlink target", b"xattr value"
 
 
@@ -36,10 +37,17 @@ class MetadataCipher:
     def __init__(self, key: bytes) -> None:
         self._siv = AESSIV(_derive(key, b"deterministic names", 64))
         self._gcm = AESGCM(_derive(key, b"sealed values", 32))
+        self._names: dict[tuple[int, bytes], bytes] = {}
 
     def name(self, folder: int, plain: bytes) -> bytes:
         """The stored form of `plain` as an entry of `folder`: always the same bytes."""
-        return self._siv.encrypt(_pad(plain), [_NAME, _ino(folder)])
+        key = (folder, plain)
+        stored = self._names.get(key)
+        if stored is None:
+            if len(self._names) >= NAMES_REMEMBERED:
+                self._names.clear()
+            stored = self._names[key] = self._siv.encrypt(_pad(plain), [_NAME, _ino(folder)])
+        return stored
 
     def plain_name(self, folder: int, stored: bytes) -> bytes:
         return _unpad(self._siv_open(stored, [_NAME, _ino(folder)]))

@@ -152,3 +152,16 @@ def test_an_old_object_replayed_over_the_current_one_gives_eio_never_the_old_con
         path.read_bytes()
     assert e.value.errno == errno.EIO
     assert any("token.bin" in text for text in _alerts(m)), _alerts(m)
+
+
+def test_remembered_names_are_the_ones_a_fresh_cipher_stores_and_stay_bounded():
+    from tempfs import names
+    key = os.urandom(32)
+    cipher, fresh = MetadataCipher(key), MetadataCipher(key)
+    for i in range(names.NAMES_REMEMBERED + 10):  # past the bound: forgotten, then made again
+        name = f"frame_{i}.jpg".encode()
+        assert cipher.name(i % 3 + 1, name) == fresh.name(i % 3 + 1, name)
+        assert cipher.name(i % 3 + 1, name) != cipher.name(i % 3 + 2, name)  # still bound to its folder
+        assert len(cipher._names) <= names.NAMES_REMEMBERED
+    assert cipher.name(1, b"frame_0.jpg") == fresh.name(1, b"frame_0.jpg")  # asked again once forgotten
+    assert cipher.plain_name(7, cipher.name(7, b"x.json")) == b"x.json"

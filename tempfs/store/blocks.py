@@ -100,14 +100,15 @@ class BlockStore:
         first, last = offset // self.block_size, (end - 1) // self.block_size
         self._read_ahead(inode, first, last)
         blocks = await self._blocks(inode, range(first, last + 1))
-        out = bytearray(end - offset)  # zeros: what a hole or a short block reads as
+        pieces = []
         for blockno, block in zip(range(first, last + 1), blocks):
             base = blockno * self.block_size
             start, stop = max(offset, base) - base, min(end, base + self.block_size) - base
-            piece = block[start:stop]
-            at = base + start - offset
-            out[at:at + len(piece)] = piece
-        return bytes(out)
+            piece = block[start:stop]  # a whole block read is the block itself, not a copy
+            pieces.append(piece)
+            if len(piece) < stop - start:  # what a hole or a short block reads as
+                pieces.append(bytes(stop - start - len(piece)))
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _read_ahead(self, inode: int, first: int, last: int) -> None:
         """Asks for the blocks after `last` when this read continues the previous one."""
