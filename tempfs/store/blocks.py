@@ -292,6 +292,7 @@ class BlockStore:
         the file's size before the write, spares reading back the blocks wholly past it (which
         truncation and deletion leave unmapped)."""
         pos = 0
+        data = memoryview(data)  # each block's piece copied once, into its dirty block
         while pos < len(data):
             blockno, start = divmod(offset + pos, self.block_size)
             n = min(self.block_size - start, len(data) - pos)
