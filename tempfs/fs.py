@@ -219,13 +219,12 @@ class TempFS(pyfuse3.Operations):
             path = self._child_path(parent, name) if parent is not None else self.store.path_of(node.id)
             raise self._refuse(reason, ctx, path)
 
-    def _release_if_unused(self, ino: int) -> None:
+    def _release_if_unused(self, ino: int, node: Optional[Inode] = None) -> None:
         """Frees what nobody can reach any more: a closed unnamed file's content at once, its
-        inode once the kernel has forgotten it too."""
+        inode once the kernel has forgotten it too. `node`: the inode as just changed, if known."""
         if self._opens[ino] > 0:
             return
-        node = None
-        if ino in self.store.unlinked:  # a named inode has nothing to free: no query for it
+        if node is None and ino in self.store.unlinked:  # a named inode has nothing to free: no query
             try:
                 node = self.store.inode(ino)
             except StoreError:
@@ -323,7 +322,7 @@ class TempFS(pyfuse3.Operations):
         self._check_schema(self._named(parent, name), "removed", ctx, parent, name)
         node = self.store.unlink(parent, name, want_dir=want_dir)
         self.monitor.count("deletes")
-        self._release_if_unused(node.id)
+        self._release_if_unused(node.id, node)
 
     @_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
@@ -347,7 +346,7 @@ class TempFS(pyfuse3.Operations):
             replaced = self.store.rename(parent_inode_old, name_old, parent_inode_new, name_new,
                                          noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE), exchange=exchange)
         if replaced is not None:
-            self._release_if_unused(replaced.id)
+            self._release_if_unused(replaced.id, replaced)
 
     def _room_to_move(self, node: Inode, area: Optional[str]):
         """Room in `area` for an entry moving in from another area (its limit holds for mv too)."""
