@@ -497,6 +497,10 @@ class TempFS(pyfuse3.Operations):
         node = self.store.inode(inode)
         if node.is_dir:
             raise FUSEError(errno.EISDIR)
+        if node.nlink == 0 and self._opens[inode] == 0:
+            # its content went with its last name (deleted, expired, evicted): reached through a
+            # name the kernel has not dropped yet, or an O_PATH descriptor, it would read as empty
+            raise FUSEError(errno.ENOENT)
         if flags & os.O_TRUNC:  # libfuse 3 hands O_TRUNC to open, not to setattr
             await self.store.truncate(inode, 0)  # even of an empty file: mtime and ctime change
         self._opens[inode] += 1

@@ -181,6 +181,23 @@ def test_expired_name_can_be_reused_at_once(make_mount, clock):
 
 
 @pytest.mark.timeout(60)
+def test_a_reclaimed_file_cannot_be_opened_again_through_a_reference_the_kernel_kept(make_mount, clock):
+    """Reclaiming a closed file frees its content at once. The kernel can still reach the inode
+    (an O_PATH descriptor here; in the soak test, a name it had not dropped yet when an eviction
+    raced an open): opening it must fail, not read as an empty or short file."""
+    m = make_mount()
+    f = m.path("cleanup/failed/frame.bin")
+    f.write_bytes(os.urandom(300_000))
+    handle = os.open(f, os.O_PATH)  # holds the inode without opening it for tempfs
+    try:
+        clock.set(2 * HOUR)
+        assert vanishes(f)
+        with pytest.raises(FileNotFoundError):
+            open(f"/proc/self/fd/{handle}", "rb")
+    finally:
+        os.close(handle)
+
+
 def test_gone_at_once_in_real_time(make_mount):
     """No clock tricks: the kernel may cache a name only until its deadline, so the moment it
     passes, stat and open fail, even before the reaper has reclaimed anything."""
