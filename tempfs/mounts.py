@@ -25,7 +25,7 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
-    device: str = ""  # major:minor, the name of its readahead settings in BDI_FOLDER
+    device: str  # major:minor, the name of its readahead settings in BDI_FOLDER
 
 
 def _unescape(field: str) -> str:
@@ -50,7 +50,7 @@ def set_read_ahead(path: Path, kib: int) -> bool:
     `path`; only root may. Found through mountinfo, never by asking the mount itself: its
     daemon may be the caller, not serving yet."""
     entry = find_mount(path)
-    if entry is None or not entry.device:
+    if entry is None:
         return False
     try:
         (BDI_FOLDER / entry.device / "read_ahead_kb").write_text(f"{kib}\n")
