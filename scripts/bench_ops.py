@@ -79,11 +79,11 @@ async def _workload(ops: TempFS, store: Store, folder: int, files: int, t: Timin
         for i, name in enumerate(names):
             await _ignore_errno(ops.lookup(folder, name, ctx))
             t.lap("lookup_missing")
-            info, _ = await ops.create(folder, name, 0o644, os.O_WRONLY | os.O_CREAT, ctx)
+            info, entry = await ops.create(folder, name, 0o644, os.O_WRONLY | os.O_CREAT, ctx)
             t.lap("create")
             await ops.getattr(folder, ctx)
             t.lap("getattr_folder")
-            await _ignore_errno(ops.getxattr(info.fh, CAPABILITY, ctx))
+            await _ignore_errno(ops.getxattr(entry.st_ino, CAPABILITY, ctx))
             t.lap("getxattr")
             await ops.write(info.fh, 0, i.to_bytes(8, "little") + bytes(range(256)) * 15 + bytes(248))
             t.lap("write")

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 need_pkgs=()
-for pair in fusermount3:fuse3 setfattr:attr sqlite3:sqlite3 pkg-config:pkg-config; do
+for pair in fusermount3:fuse3 setfattr:attr sqlite3:sqlite3 pkg-config:pkg-config fincore:util-linux-extra; do
     cmd=${pair%%:*} pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || need_pkgs+=("$pkg")
 done

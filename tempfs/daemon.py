@@ -183,6 +183,7 @@ class _Daemon:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.store.blocks.run_flusher)
             await nursery.start(self.store.blocks.run_read_ahead)
+            await nursery.start(self.ops.page_cache.run)
             await nursery.start(self.store.run_committer)
             await nursery.start(self.store.run_compactor)
             await nursery.start(self.ops.run_reaper)

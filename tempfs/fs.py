@@ -27,6 +27,7 @@ from . import __version__, layout
 from .clock import iso_utc
 from .config import Alerts
 from .monitor import Monitor
+from .page_cache import PageCacheFiller
 from .space import AreaRule, Space
 from .store import BlockReadError, DamagedMetadata, Inode, Store, StoreError
 
@@ -48,6 +49,10 @@ KERNEL_CACHE_SECONDS = 300.0  # tempfs is the only writer: the kernel may cache 
 REAPER_NAP = 1.0              # ...but never past a deadline; the reaper looks again this often
 PENDING_CACHE_SECONDS = 1.0   # ...nor long while a file's stored size is about to change
 REAP_BATCH = 1000
+
+
+def _writes(open_flags: int) -> bool:
+    return open_flags & os.O_ACCMODE != os.O_RDONLY
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
@@ -92,6 +97,15 @@ def _errors(method):
     return wrapper
 
 
+def _handle(ino: int, writable: bool) -> int:
+    """A file handle: the inode, and whether the handle may write (told again at release)."""
+    return ino << 1 | writable
+
+
+def _inode_of(fh: int) -> int:
+    return fh >> 1
+
+
 def _logged(method):
     """For requests that cannot answer with an errno (forget, release): log, never raise."""
     @functools.wraps(method)
@@ -120,6 +134,9 @@ class TempFS(pyfuse3.Operations):
         self.started = time.time()
         self._lookups: Counter[int] = Counter()
         self._opens: Counter[int] = Counter()
+        self._writers: Counter[int] = Counter()   # handles that may write, and truncates under way
+        self._changes: Counter[int] = Counter()   # of open files: bumped as a change of content begins
+        self.page_cache = PageCacheFiller()
         self._waiting: set[int] = set()  # due, but open or a folder with entries: looked at next pass
         self._reaper_wake = trio.Event()
         self.last_check: Optional[dict] = None  # the report of the daemon's last whole-store check
@@ -374,7 +391,8 @@ class TempFS(pyfuse3.Operations):
         if fields.update_size:
             if node.is_dir:
                 raise FUSEError(errno.EISDIR)
-            await self.store.truncate(inode, attr.st_size)
+            async with self._changing(inode):
+                await self.store.truncate(inode, attr.st_size)
         # Every change of attributes changes ctime, even one to the values they have (chown to
         # the same owner); FUSE does not pass the kernel's ctime update on (only with writeback
         # caching), so it is done here for every request.
@@ -490,7 +508,9 @@ class TempFS(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         node = self._make(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
         self._opens[node.id] += 1  # a new file is used now: make() set its LRU time
-        return pyfuse3.FileInfo(fh=node.id), self._entry(node)
+        writable = _writes(flags)
+        self._writers[node.id] += writable
+        return pyfuse3.FileInfo(fh=_handle(node.id, writable)), self._entry(node)
 
     @_errors
     async def open(self, inode, flags, ctx):
@@ -501,27 +521,68 @@ class TempFS(pyfuse3.Operations):
             # its content went with its last name (deleted, expired, evicted): reached through a
             # name the kernel has not dropped yet, or an O_PATH descriptor, it would read as empty
             raise FUSEError(errno.ENOENT)
-        if flags & os.O_TRUNC:  # libfuse 3 hands O_TRUNC to open, not to setattr
-            await self.store.truncate(inode, 0)  # even of an empty file: mtime and ctime change
+        writable = _writes(flags)
+        if writable or flags & os.O_TRUNC:
+            async with self._changing(inode):
+                if flags & os.O_TRUNC:  # libfuse 3 hands O_TRUNC to open, not to setattr
+                    await self.store.truncate(inode, 0)  # even of an empty file: mtime and ctime change
+                self._writers[inode] += writable  # for as long as the handle lives
         self._opens[inode] += 1
         self.store.touch_used(inode)
         # content changes only through this mount (tempfs is the only writer, and an inode number
         # is never reused), so the kernel's page cache stays valid from one open to the next
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        return pyfuse3.FileInfo(fh=_handle(inode, writable), keep_cache=True)
+
+    @contextlib.asynccontextmanager
+    async def _changing(self, ino: int):
+        """Around the start of a change of content: what reads in flight and the page cache
+        filler hold of the file is older, so it must not reach the kernel's cache after it."""
+        self._writers[ino] += 1
+        self._changes[ino] += 1
+        try:
+            await self.page_cache.quiesce(ino)
+            yield
+        finally:
+            self._writers[ino] -= 1
+            self._forget_unused_handles(ino)
+
+    def _forget_unused_handles(self, ino: int) -> None:
+        if self._writers[ino] <= 0:
+            self._writers.pop(ino, None)
+        if self._opens[ino] <= 0:
+            self._changes.pop(ino, None)  # no read is in flight: the count may start again
 
     @_errors
     async def read(self, fh, off, size):
-        data = await self.store.read(fh, off, size)
+        ino = _inode_of(fh)
+        if size < self.store.blocks.block_size and not self._writers[ino]:
+            data = await self._read_filling_page_cache(ino, off, size)
+        else:  # the kernel reading ahead in order (whole blocks), or a file that may change
+            data = await self.store.read(ino, off, size)
         self.monitor.count("bytes_read", len(data))
         return data
 
+    async def _read_filling_page_cache(self, ino: int, off: int, size: int) -> bytes:
+        """A small (random) read: the whole blocks it falls in are loaded anyway, so the kernel
+        is offered their other pages, and the next reads of those blocks stay in the kernel."""
+        block_size = self.store.blocks.block_size
+        start, stop = off // block_size * block_size, -(-(off + size) // block_size) * block_size
+        change = self._changes[ino]
+        blocks = memoryview(await self.store.read(ino, start, stop - start))
+        asked = blocks[off - start:off - start + size]
+        if self._changes[ino] == change:  # no change began while they loaded
+            self.page_cache.offer(ino, start, blocks[:off - start])
+            self.page_cache.offer(ino, off + len(asked), blocks[off - start + len(asked):])
+        return bytes(asked)
+
     @_errors
     async def write(self, fh, off, buf):
-        area = self.store.inode(fh).area
-        need = self.space.write_need(area, fh, off, len(buf), credit=False)
+        ino = _inode_of(fh)
+        area = self.store.inode(ino).area
+        need = self.space.write_need(area, ino, off, len(buf), credit=False)
         if self.space.roomy(area, need):
             async with self.space.room(area, need):
-                await self.store.write(fh, off, buf)
+                await self.store.write(ino, off, buf)
             self.monitor.count("bytes_written", len(buf))
             return len(buf)
         # near a limit: block by block, so that each piece counts at its stored size
@@ -529,8 +590,8 @@ class TempFS(pyfuse3.Operations):
         done = 0
         for at, n in pieces:
             try:
-                async with self.space.room(area, self.space.write_need(area, fh, at, n)):
-                    await self.store.write(fh, at, buf[done:done + n])
+                async with self.space.room(area, self.space.write_need(area, ino, at, n)):
+                    await self.store.write(ino, at, buf[done:done + n])
             except StoreError as e:
                 if done and e.errno == errno.ENOSPC:
                     return done  # a short write: the program's next one gets ENOSPC
@@ -546,16 +607,19 @@ class TempFS(pyfuse3.Operations):
 
     @_errors
     async def fsync(self, fh, datasync):
-        await self.store.fsync(fh)
+        await self.store.fsync(_inode_of(fh))
 
     @_logged
     async def release(self, fh):
-        self._opens[fh] -= 1
-        if self._opens[fh] <= 0:
-            self.store.touch_used(fh)
-            if fh in self._waiting:
+        ino = _inode_of(fh)
+        self._opens[ino] -= 1
+        self._writers[ino] -= fh & 1
+        self._forget_unused_handles(ino)
+        if self._opens[ino] <= 0:
+            self.store.touch_used(ino)
+            if ino in self._waiting:
                 self._reaper_wake.set()  # it outlived its deadline while open
-        self._release_if_unused(fh)
+        self._release_if_unused(ino)
 
     # ---- expiry --------------------------------------------------------------------------
     async def run_reaper(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
