@@ -90,6 +90,7 @@ def take_snapshot(ops: Any) -> dict:
         "latency": {op: (h.cumulative(), h.sum) for op, h in list(monitor.latency.items()) if h.count},
         "cache_hits": getattr(blocks, "hits", 0),
         "cache_misses": getattr(blocks, "misses", 0),
+        "page_cache_filled_bytes": ops.page_cache.stored_bytes,
         "dirty_bytes": blocks.dirty_bytes,
         "alerts_active": len(monitor.active_alerts),
         "disk_free_bytes": max(0, space.free_bytes()),
@@ -212,6 +213,9 @@ def render(snap: dict) -> Iterator[Metric]:
                               value=snap["cache_hits"])
     yield CounterMetricFamily("tempfs_cache_misses", "Block reads that had to read and decrypt a stored object.",
                               value=snap["cache_misses"])
+    yield CounterMetricFamily("tempfs_page_cache_filled_bytes", "Bytes of blocks loaded for a small read that the "
+                              "kernel was given beside it, so that the next reads stay in its page cache.",
+                              value=snap["page_cache_filled_bytes"])
 
     histogram = HistogramMetricFamily("tempfs_operation_seconds", "Time to answer a FUSE request, per operation.",
                                       labels=["op"])

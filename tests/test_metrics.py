@@ -82,6 +82,11 @@ def test_metrics_report_real_values(make_mount):
     assert m.path(UPLOADS, "b.txt").read_bytes() == text_data
     with pytest.raises(PermissionError):
         open(m.path("at_the_root.log"), "w")
+    with open(m.path("cache/images/a.bin"), "rb") as f:  # a small read: the kernel gets the rest of its block
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        assert os.pread(f.fileno(), 4 * KiB, 8 * KiB) == random_data[8 * KiB:12 * KiB]
+    wait_until(lambda: value(scrape_ready(port), "tempfs_page_cache_filled_bytes_total") >= BLOCK - 4 * KiB)
 
     status = m.status()
     samples = scrape_ready(port)
@@ -206,6 +211,7 @@ def fake_ops(hits=3):
     latency["write"].observe(0.002)
     latency["write"].observe(0.3)
     return SimpleNamespace(
+        page_cache=SimpleNamespace(stored_bytes=8192),
         monitor=SimpleNamespace(totals=Counter(expired=4, refused=2, refused_full=1, cleanup_runs=9,
                                                cleanup_failures=1, bytes_written=10, **{"evicted:cache": 1}),
                                 latency=latency, active_alerts={"x": {}}),
@@ -245,6 +251,7 @@ def test_render_of_a_snapshot():
     assert value(samples, "tempfs_read_bytes_total") == 0
     assert value(samples, "tempfs_cache_hits_total") == 3
     assert value(samples, "tempfs_cache_misses_total") == 1
+    assert value(samples, "tempfs_page_cache_filled_bytes_total") == 8192
     assert value(samples, "tempfs_dirty_bytes") == 7
     assert value(samples, "tempfs_alerts_active") == 1
     assert value(samples, "tempfs_disk_free_bytes") == 5000
