@@ -980,6 +980,9 @@ async def stored_then_reopened(opener, name: bytes, size: int, seed: int, damage
 async def test_a_file_read_in_order_has_its_next_blocks_loaded_ahead(opener):
     store, f, data = await stored_then_reopened(opener, b"model.onnx", 12 * BLOCK_SIZE, 6)
     blocks = store.blocks
+    statements: list[str] = []
+    execute = store.db.execute
+    store.db.execute = lambda sql, args=(): statements.append(sql) or execute(sql, args)
     async with trio.open_nursery() as nursery:
         await nursery.start(blocks.run_read_ahead)
         assert await store.read(f, 0, BLOCK_SIZE) == data[:BLOCK_SIZE]
@@ -987,8 +990,18 @@ async def test_a_file_read_in_order_has_its_next_blocks_loaded_ahead(opener):
         for i in range(1, 12):
             assert await store.read(f, i * BLOCK_SIZE, BLOCK_SIZE) == data[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]
         assert blocks.misses == 1  # every later block was loaded ahead (or waited for)
+        # the block map of the blocks loaded ahead came with them: one query per block read on its own
+        assert sum("blockno=?" in sql for sql in statements) == 1
         assert await store.read(f, 5 * BLOCK_SIZE, 10) == data[5 * BLOCK_SIZE:5 * BLOCK_SIZE + 10]
         nursery.cancel_scope.cancel()
+
+
+def test_a_remembered_row_answers_until_the_database_changes(store):
+    sql = "SELECT value FROM meta WHERE key=?"
+    store.db.remember(sql, ("absent",), ("as a wider query read it",))
+    assert store.db.one_cached(sql, ("absent",)) == ("as a wider query read it",)
+    store.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('other', 1)")
+    assert store.db.one_cached(sql, ("absent",)) is None  # read again after any change
 
 
 @trio_test

@@ -126,10 +126,10 @@ class BlockStore:
             self._in_order[inode] = (last + 1, asked)
             return
         self._in_order[inode] = (last + 1, stop)
-        wanted = [object_id for object_id in self._mapped_range(inode, start, stop)
+        wanted = [(object_id, facts) for object_id, facts in self._mapped_range(inode, start, stop).items()
                   if object_id not in self._clean and object_id not in self._loading]
         for i in range(0, len(wanted), READAHEAD_BATCH):
-            batch = wanted[i:i + READAHEAD_BATCH]
+            batch = dict(wanted[i:i + READAHEAD_BATCH])
             try:
                 self._ahead_send.send_nowait(batch)
             except trio.WouldBlock:
@@ -137,16 +137,22 @@ class BlockStore:
             for object_id in batch:  # marked now, not when the loader gets to it: a reader asking first waits
                 self._loading[object_id] = trio.Event()
 
-    def _mapped_range(self, inode: int, start: int, stop: int) -> list[int]:
-        """The distinct objects blocks start..stop-1 are stored in, those not dirty and whose
-        block map entry authenticates (the reader meets, and reports, the others)."""
-        out: dict[int, None] = {}
-        for blockno, object_id, tag in self.db.execute(
-                "SELECT blockno, object, tag FROM blocks WHERE inode=? AND blockno>=? AND blockno<?",
-                (inode, start, stop)):
+    def _mapped_range(self, inode: int, start: int, stop: int) -> dict[int, Optional[tuple]]:
+        """The distinct objects blocks start..stop-1 are stored in, with their _sealing_facts:
+        those not dirty and whose block map entry authenticates (the reader meets, and
+        reports, the others). One query, which also answers _mapped() for these blocks."""
+        out: dict[int, Optional[tuple]] = {}
+        holes = set(range(start, stop))
+        for blockno, object_id, tag, *facts in self.db.execute(
+                f"SELECT blockno, object, tag, {_FACTS} FROM blocks LEFT JOIN objects ON objects.id=blocks.object "
+                "WHERE inode=? AND blockno>=? AND blockno<?", (inode, start, stop)):
+            holes.discard(blockno)
+            self.db.remember(_MAPPING, (inode, blockno), (object_id, tag))
             if (inode, blockno) not in self.dirty and tag == self.codec.block_tag(inode, blockno, object_id):
-                out[object_id] = None
-        return list(out)
+                out[object_id] = None if facts[0] is None else tuple(facts)  # no wrapped key: no object row
+        for blockno in holes:
+            self.db.remember(_MAPPING, (inode, blockno), None)
+        return out
 
     async def run_read_ahead(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Loads the objects _read_ahead asked for, READAHEAD_PARALLELISM at a time."""
@@ -155,18 +161,21 @@ class BlockStore:
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
-                async for object_ids in self._ahead_receive:
-                    nursery.start_soon(self._load_ahead, object_ids, slots)
+                async for facts in self._ahead_receive:
+                    nursery.start_soon(self._load_ahead, facts, slots)
         finally:
             self._reading_ahead = False
             for loading in self._loading.values():  # asked for, never loaded: readers load them
                 loading.set()
             self._loading.clear()
 
-    async def _load_ahead(self, object_ids: list[int], slots: trio.CapacityLimiter) -> None:
+    async def _load_ahead(self, facts: dict[int, Optional[tuple]], slots: trio.CapacityLimiter) -> None:
+        """Loads objects with the facts _mapped_range read (if the compactor moved one since,
+        its load fails, and the reader loads it again itself)."""
+        object_ids = list(facts)
         try:
             async with slots:
-                loaded = await trio.to_thread.run_sync(self._load_many, self._sealing_facts_of(object_ids))
+                loaded = await trio.to_thread.run_sync(self._load_many, facts)
             for object_id, plain in loaded.items():
                 if not isinstance(plain, Exception):  # a failure is the reader's to report
                     self._remember(object_id, plain)
@@ -225,7 +234,7 @@ class BlockStore:
 
     def _mapped(self, inode: int, blockno: int, verify: bool = True) -> Optional[int]:
         """The object a block is stored in (None: a hole); `verify` checks the entry's tag."""
-        row = self.db.one_cached("SELECT object, tag FROM blocks WHERE inode=? AND blockno=?", (inode, blockno))
+        row = self.db.one_cached(_MAPPING, (inode, blockno))
         if row is None:
             return None
         if verify and row[1] != self.codec.block_tag(inode, blockno, row[0]):
@@ -602,6 +611,7 @@ class BlockStore:
 
 _STORAGE = "refcount, data IS NOT NULL, pack, stored_size"  # what dropping an object needs
 _FACTS = "wrapped_key, digest, data, pack, offset, stored_size"  # what loading it needs
+_MAPPING = "SELECT object, tag FROM blocks WHERE inode=? AND blockno=?"  # what _mapped asks
 
 
 @dataclass(eq=False)

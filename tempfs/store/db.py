@@ -269,19 +269,30 @@ class Database:
         """one(), answered from memory while nothing has changed the database since it was read.
         Every INSERT, UPDATE and DELETE of this connection, its triggers' too, moves
         total_changes; a rollback does not, so it (and any error) calls forget_reads()."""
-        if self.conn.total_changes != self._memo_at:
-            self._memo.clear()
-            self._memo_at = self.conn.total_changes
+        self._drop_stale_reads()
         key = (sql, args)
         try:
             return self._memo[key]
         except KeyError:
             pass
         row = self.one(sql, args)
+        self._memorize(key, row)
+        return row
+
+    def remember(self, sql: str, args: tuple, row: Optional[tuple]) -> None:
+        """Tells one_cached() what one(sql, args) returns now, as a wider query just read it."""
+        self._drop_stale_reads()
+        self._memorize((sql, args), row)
+
+    def _drop_stale_reads(self) -> None:
+        if self.conn.total_changes != self._memo_at:
+            self._memo.clear()
+            self._memo_at = self.conn.total_changes
+
+    def _memorize(self, key: tuple, row: Optional[tuple]) -> None:
         if len(self._memo) >= MEMO_ENTRIES:
             self._memo.clear()
         self._memo[key] = row
-        return row
 
     def forget_reads(self) -> None:
         self._memo_at = None
