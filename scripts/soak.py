@@ -8,10 +8,11 @@ It mounts a new store in a temporary folder (`python -m tempfs mount --foregroun
 config that makes every mechanism work during the run: cleanup/ entries live 20 s (expiry),
 cache/ holds 24 MB and evicts (eviction), processing/ refuses past its default limit. Each worker
 process, in folders of its own, loops over: small files (0-64 KB) and big files (1-4 MiB),
-fsync now and then, reads that check every byte against what it wrote, overwrites in the middle,
-truncates, renames, deletes, folders made and removed, listings and stats, files in cleanup/
-that must be gone within a few seconds of their deadline (and not before), files in cache/
-that may be evicted (and read back exactly if not). The main process asks `tempfs status
+fsync now and then, reads that check every byte against what it wrote (whole, or page by page
+in random order), overwrites in the middle, truncates, renames, deletes, folders made and
+removed, listings and stats, files in cleanup/ that must be gone within a few seconds of their
+deadline (and not before), files in cache/ that may be evicted (and read back exactly if not).
+The main process asks `tempfs status
 --json` every 10 s and samples the daemon's RSS every 2 s. At the end it unmounts and runs
 `tempfs fsck --no-repair`.
 
@@ -43,6 +44,7 @@ from pathlib import Path
 from harness import die_with_parent, script_env, start_daemon, tear_down, unmount
 
 MiB = 1024 * 1024
+PAGE = 4096
 EXPIRY = 20.0          # cleanup/'s max_age in this config
 EXPIRY_SLACK = 4.0     # the reaper's nap, plus this machine being busy
 CONFIG = f"""\
@@ -139,6 +141,27 @@ class Worker:
         name = self.rng.choice(list(self.files))
         if hashlib.sha256((self.own / name).read_bytes()).digest() != self.files[name]:
             self.error(f"{name}: content differs from what was written")
+
+    def read_pieces(self) -> None:
+        """Reads a file page by page in random order, uncached, as random readers do: each
+        block's first page loads the block, and the kernel is handed the rest of it."""
+        if not self.files:
+            return
+        name = self.rng.choice(list(self.files))
+        fd = os.open(self.own / name, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            pages = list(range(0, size, PAGE))
+            self.rng.shuffle(pages)
+            content = bytearray(size)
+            for at in pages:
+                content[at:at + PAGE] = os.pread(fd, PAGE, at)
+        finally:
+            os.close(fd)
+        if hashlib.sha256(content).digest() != self.files[name]:
+            self.error(f"{name}: content read in pieces differs from what was written")
 
     def overwrite(self) -> None:
         if not self.files:
@@ -251,7 +274,7 @@ class Worker:
             del self.files[name]
 
     def run(self) -> None:
-        kinds = {"write_small": 30, "write_big": 6, "read_verify": 30, "overwrite": 8, "truncate": 3,
+        kinds = {"write_small": 30, "write_big": 6, "read_verify": 30, "read_pieces": 6, "overwrite": 8, "truncate": 3,
                  "rename": 8, "delete": 8, "folders": 3, "listing": 4, "stat": 6, "write_cached": 4,
                  "read_cached": 6, "write_expiring": 3, "check_expiry": 2}
         names, weights = list(kinds), list(kinds.values())
