@@ -59,6 +59,8 @@ def test_a_random_read_leaves_its_whole_block_in_the_page_cache(mounted):
     assert read_one_page(path, offset) == data[offset:offset + PAGE]
     wait_until(lambda: resident(path) == BLOCK_SIZE, timeout=10)
     assert resident(path) == BLOCK_SIZE  # that block, whole, and nothing else
+    daemon = mounted.status()["daemon"]
+    assert (daemon["page_cache_filled_bytes"], daemon["page_cache_dropped_bytes"]) == (BLOCK_SIZE - PAGE, 0)
     # the last block is short: its pages stop at the end of the file
     assert read_one_page(path, 8 * BLOCK_SIZE) == data[8 * BLOCK_SIZE:8 * BLOCK_SIZE + PAGE]
     wait_until(lambda: resident(path) == BLOCK_SIZE + PAGE, timeout=10)
