@@ -200,7 +200,6 @@ def test_a_read_overtaken_by_a_change_offers_nothing(tmp_path, change):
 
 class FakeKernel:
     def __init__(self, refuse: int = 0) -> None:
-        self.pages: dict[int, bytes] = {}
         self.refuse = refuse
         self.calls: list[tuple[int, int, int]] = []
 
@@ -255,6 +254,10 @@ def test_offers_past_the_bound_or_to_a_stopped_filler_are_dropped():
             await filler.quiesce(1)
         assert kernel.calls == [(1, 0, 60)]
         assert (filler.stored_bytes, filler.dropped_bytes) == (60, 60)
+        filler.offer(1, 60, memoryview(b"b" * 60))  # what was stored no longer counts against the bound
+        with trio.fail_after(10):
+            await filler.quiesce(1)
+        assert kernel.calls == [(1, 0, 60), (1, 60, 60)]
     run_with_filler(test, kernel, max_pending=100)
 
     stopped = PageCacheFiller(kernel.store)
