@@ -11,7 +11,8 @@ Guarantees:
 - The kernel is called from a worker thread, never from the trio thread: a store waits on the
   lock of any page that a read in flight holds, and only the trio thread answers that read.
 - Best effort: what the kernel refuses (it has forgotten the inode) is dropped, and so is an
-  offer while more than `max_pending` bytes wait or while the filler is not running.
+  offer while more than `max_pending` bytes wait or while the filler is not running; a kernel
+  without NOTIFY_STORE (ENOSYS) is asked once, and nothing is offered after that.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class PageCacheFiller:
         self._pending_bytes = 0
         self._drained: dict[int, trio.Event] = {}
         self._running = False
+        self._unsupported = False  # the kernel answered ENOSYS
         self.stored_bytes = 0
         self.dropped_bytes = 0
 
@@ -47,7 +49,7 @@ class PageCacheFiller:
         """Queues `data` for the kernel's cache of `ino` at `offset` (trio thread)."""
         if not data:
             return
-        if not self._running or self._pending_bytes + len(data) > self.max_pending:
+        if not self._running or self._unsupported or self._pending_bytes + len(data) > self.max_pending:
             self.dropped_bytes += len(data)
             return
         self._pending[ino] += 1
@@ -97,10 +99,15 @@ class PageCacheFiller:
     def _store_all(self, batch: list[tuple[int, int, memoryview]]) -> int:
         stored = 0
         for ino, offset, data in batch:
+            if self._unsupported:
+                continue
             try:
                 self._store_pages(ino, offset, data)
             except OSError as e:
-                if e.errno != errno.ENOENT:  # ENOENT: the kernel has forgotten the inode
+                if e.errno == errno.ENOSYS:
+                    self._unsupported = True
+                    log.info("the kernel cannot be handed pages (%s): small reads load their block each time", e)
+                elif e.errno != errno.ENOENT:  # ENOENT: the kernel has forgotten the inode
                     log.debug("page cache of inode %d not filled: %s", ino, e)
                 continue
             stored += len(data)

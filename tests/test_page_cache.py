@@ -280,3 +280,15 @@ def test_what_the_kernel_refuses_is_dropped_and_the_filler_goes_on(refusal):
             await filler.quiesce(3)
         assert filler.stored_bytes == 10
     run_with_filler(test, kernel)
+
+
+def test_a_kernel_without_notify_store_is_asked_once():
+    kernel = FakeKernel(refuse=errno.ENOSYS)
+
+    async def test(filler: PageCacheFiller):
+        filler.offer(4, 0, memoryview(b"w" * 10))
+        with trio.fail_after(10):
+            await filler.quiesce(4)
+        filler.offer(4, 10, memoryview(b"w" * 10))
+        assert kernel.calls == [(4, 0, 10)] and filler.dropped_bytes == 10
+    run_with_filler(test, kernel)
