@@ -51,10 +51,6 @@ PENDING_CACHE_SECONDS = 1.0   # ...nor long while a file's stored size is about 
 REAP_BATCH = 1000
 
 
-def _writes(open_flags: int) -> bool:
-    return open_flags & os.O_ACCMODE != os.O_RDONLY
-
-
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 # requests that change the store: refused with EIO once it is lost (removed while mounted)
 _CHANGES = {"mkdir", "mknod", "symlink", "link", "unlink", "rmdir", "rename", "setattr", "setxattr",
@@ -104,6 +100,10 @@ def _handle(ino: int, writable: bool) -> int:
 
 def _inode_of(fh: int) -> int:
     return fh >> 1
+
+
+def _writes(open_flags: int) -> bool:
+    return open_flags & os.O_ACCMODE != os.O_RDONLY
 
 
 def _logged(method):

@@ -172,7 +172,6 @@ class BlockStore:
     async def _load_ahead(self, facts: dict[int, Optional[tuple]], slots: trio.CapacityLimiter) -> None:
         """Loads objects with the facts _mapped_range read (if the compactor moved one since,
         its load fails, and the reader loads it again itself)."""
-        object_ids = list(facts)
         try:
             async with slots:
                 loaded = await trio.to_thread.run_sync(self._load_many, facts)
@@ -180,7 +179,7 @@ class BlockStore:
                 if not isinstance(plain, Exception):  # a failure is the reader's to report
                     self._remember(object_id, plain)
         finally:
-            for object_id in object_ids:
+            for object_id in facts:
                 loading = self._loading.pop(object_id, None)
                 if loading is not None:
                     loading.set()
