@@ -35,6 +35,7 @@ _MAGIC = b"TFO1"
 _RAW, _LZ4 = 0, 1
 _HEADER = struct.Struct(">4sBQ")  # magic, format, object id
 _BLOCK = struct.Struct(">QQQ")  # inode, block number, object id
+_LAYER = struct.Struct(">QQQQ")  # the same, and the layer of a patch (store/patch.py)
 _NONCE = 12
 _TAG = 16
 SEAL_OVERHEAD = _HEADER.size + _NONCE + _TAG  # an object is at most this much larger than its block
@@ -82,9 +83,11 @@ class ContentCodec:
             return blake3.blake3(plain, key=key).digest()
         return hashlib.blake2b(plain, key=key, digest_size=32).digest()
 
-    def block_tag(self, inode: int, blockno: int, object_id: int) -> bytes:
-        """Authenticates one block map entry."""
-        return hashlib.blake2b(_BLOCK.pack(inode, blockno, object_id), key=self._tag_key, digest_size=16).digest()
+    def block_tag(self, inode: int, blockno: int, object_id: int, layer: int = 0) -> bytes:
+        """Authenticates one block map entry: a block's base (layer 0) or one of its patches,
+        in its place in their order."""
+        entry = _LAYER.pack(inode, blockno, object_id, layer) if layer else _BLOCK.pack(inode, blockno, object_id)
+        return hashlib.blake2b(entry, key=self._tag_key, digest_size=16).digest()
 
     def seal(self, object_id: int, plain: bytes, digest: bytes = b"") -> tuple[bytes, bytes]:
         """Returns (object bytes to store on disk, wrapped object key for the metadata); `digest`

@@ -78,7 +78,8 @@ class Space:
     def write_need(self, area: str, ino: int, offset: int, length: int, credit: bool = True) -> int:
         """The most stored bytes a write can add to `area`: a whole object for each block it
         dirties anew, less (with `credit`, which costs a query: worth it near a limit) the
-        objects those blocks stop using that nothing else there uses."""
+        objects those blocks stop using that nothing else there uses. A block written in part
+        may keep them and take a patch instead, of at most `patch_max` bytes."""
         if length <= 0:
             return 0
         blocks = self.store.blocks
@@ -86,8 +87,17 @@ class Space:
         fresh = [b for b in range(first, last + 1) if (ino, b) not in blocks.dirty]
         if not fresh or not credit:
             return len(fresh) * (blocks.block_size + SEAL_OVERHEAD)
+        size, end = self.store.inode(ino).size, offset + length
         freed = self.store.sole_objects(area, ino, fresh[0], fresh[-1])
-        return sum(blocks.block_size + SEAL_OVERHEAD - freed.get(b, 0) for b in fresh)
+        need = 0
+        for b in fresh:
+            start = max(offset, b * blocks.block_size)
+            replaced = blocks.block_size + SEAL_OVERHEAD - freed.get(b, 0)
+            if blocks.replaces(b, start - b * blocks.block_size, min(end, (b + 1) * blocks.block_size) - start, size):
+                need += replaced
+            else:
+                need += max(replaced, blocks.patch_max + SEAL_OVERHEAD)
+        return need
 
     def roomy(self, area: str, need: int) -> bool:
         """Whether `need` bytes fit at once, with nothing to store, evict or refuse first."""

@@ -22,7 +22,8 @@ from tempfs.layout import Kind
 from tempfs.store import (ROOT_INODE, BlockReadError, DamagedMetadata, Store, StoreError, StoreLockedError,
                           StoreOpenError, WrongKeyError)
 from tempfs.store.check import check_store
-from tempfs.store.db import SCHEMA_VERSION
+from tempfs.store.db import _BLOCK_TRIGGERS, SCHEMA_VERSION
+from tempfs.store.blocks import MAX_PATCHES
 from tempfs.store.store import BLOCK_SIZE, MAX_FILE_SIZE
 
 KiB = 1024
@@ -604,6 +605,122 @@ async def test_random_writes_against_model(opener, seed, cache_limit):
     store = opener()
     assert store.inode(f).size == len(model)
     assert await store.read(f, 0, len(model) + 10) == bytes(model)
+
+
+def layers(store: Store, ino: int, blockno: int) -> list[int]:
+    return [r[0] for r in store.db.execute("SELECT layer FROM blocks WHERE inode=? AND blockno=? ORDER BY layer",
+                                           (ino, blockno))]
+
+
+def count_loads(store: Store) -> list[int]:
+    """Counts the objects the store loads from now on (one entry per load)."""
+    loads: list[int] = []
+    load_many = store.blocks._load_many  # noqa: SLF001
+
+    def counting(facts):
+        loads.extend(facts)
+        return load_many(facts)
+    store.blocks._load_many = counting  # noqa: SLF001
+    return loads
+
+
+@trio_test
+async def test_a_small_write_into_a_stored_block_is_stored_as_a_patch_without_reading_the_block(opener):
+    store = opener(cache_limit=0)
+    f = new_file(store, leaf(store), b"state.db")
+    data = bytearray(random.Random(1).randbytes(3 * BLOCK_SIZE))
+    await store.write(f, 0, bytes(data))
+    await store.sync()
+    loads = count_loads(store)
+    for offset, piece in [(BLOCK_SIZE + 100, b"first"), (BLOCK_SIZE + 103, b"second"), (2 * BLOCK_SIZE - 2, b"xyz")]:
+        await store.write(f, offset, piece)
+        data[offset:offset + len(piece)] = piece
+    await store.sync()
+    assert loads == []
+    assert layers(store, f, 1) == [0, 1] and layers(store, f, 2) == [0, 1]  # the write across two blocks: two
+    assert await store.read(f, 0, 4 * BLOCK_SIZE) == data
+    await store.write(f, BLOCK_SIZE + 50, b"again")  # a second patch over the first
+    data[BLOCK_SIZE + 50:BLOCK_SIZE + 55] = b"again"
+    await store.sync()
+    assert layers(store, f, 1) == [0, 1, 2]
+    assert _counters(store) == _recomputed(store)
+    assert (await check_store(store, repair=False)).clean
+    opener.close(store)
+    store = opener()
+    assert await store.read(f, 0, 4 * BLOCK_SIZE) == data
+
+
+@trio_test
+async def test_a_block_with_its_fill_of_patches_is_stored_whole_at_the_next_change(opener):
+    store = opener(cache_limit=0)
+    f = new_file(store, leaf(store), b"f")
+    data = bytearray(random.Random(2).randbytes(BLOCK_SIZE))
+    await store.write(f, 0, bytes(data))
+    await store.sync()
+    for i in range(MAX_PATCHES + 1):
+        await store.write(f, 1000 * i, b"%d" % i)
+        data[1000 * i:1000 * i + 1] = b"%d" % i
+        await store.sync()
+    assert layers(store, f, 0) == [0]
+    assert objects_rows(store) == 1  # the patches and the old base went with their last reference
+    assert await store.read(f, 0, BLOCK_SIZE) == data
+
+
+@trio_test
+async def test_changes_too_large_for_a_patch_are_stored_with_the_whole_block(opener):
+    store = opener(cache_limit=0, patch_max=4 * KiB)
+    f = new_file(store, leaf(store), b"f")
+    data = bytearray(random.Random(3).randbytes(BLOCK_SIZE))
+    await store.write(f, 0, bytes(data))
+    await store.sync()
+    loads = count_loads(store)
+    for offset in range(0, 8 * KiB, 2 * KiB):  # every other KiB: no write joins another
+        await store.write(f, offset, b"w" * KiB)
+        data[offset:offset + KiB] = b"w" * KiB
+    assert len(loads) == 1  # once past 4 KiB
+    await store.sync()
+    assert layers(store, f, 0) == [0] and objects_rows(store) == 1
+    assert await store.read(f, 0, BLOCK_SIZE) == data
+
+
+@trio_test
+async def test_a_truncation_over_a_patch_and_a_block_written_whole_over_patches(opener):
+    store = opener(cache_limit=0)
+    f = new_file(store, leaf(store), b"f")
+    data = bytearray(random.Random(4).randbytes(2 * BLOCK_SIZE))
+    await store.write(f, 0, bytes(data))
+    await store.sync()
+    await store.write(f, BLOCK_SIZE + 10, b"patched")
+    await store.truncate(f, BLOCK_SIZE + 12)  # cuts the patch and the block under it
+    await store.truncate(f, 2 * BLOCK_SIZE)
+    data[BLOCK_SIZE + 10:] = b"pa" + bytes(BLOCK_SIZE - 12)
+    await store.sync()
+    assert layers(store, f, 1) == [0, 1]
+    assert await store.read(f, 0, 3 * BLOCK_SIZE) == data
+    data[BLOCK_SIZE:] = random.Random(5).randbytes(BLOCK_SIZE)
+    await store.write(f, BLOCK_SIZE, bytes(data[BLOCK_SIZE:]))
+    await store.sync()
+    assert layers(store, f, 1) == [0]
+    assert await store.read(f, 0, 3 * BLOCK_SIZE) == data
+    assert _counters(store) == _recomputed(store)
+
+
+@trio_test
+async def test_patches_swapped_in_the_block_map_fail_authentication(opener):
+    store = opener(cache_limit=0)
+    f = new_file(store, leaf(store), b"f")
+    await store.write(f, 0, random.Random(6).randbytes(BLOCK_SIZE))
+    await store.sync()
+    for piece in (b"one", b"two"):
+        await store.write(f, 10, piece)
+        await store.sync()
+    store.db.execute("UPDATE blocks SET layer=-layer WHERE inode=? AND layer>0", (f,))
+    store.db.execute("UPDATE blocks SET layer=3+layer WHERE inode=? AND layer<0", (f,))  # 1 <-> 2
+    store.db.commit()
+    with pytest.raises(BlockReadError):
+        await store.read(f, 0, 100)
+    report = await check_store(store, repair=False)
+    assert any("fails authentication" in line for line in report.damaged)
 
 
 @trio_test
@@ -1403,12 +1520,12 @@ async def test_counters_match_the_block_map_whatever_happens(opener, seed):
     truncates, hard links, renames across areas, deletions, expiry and a reopen: after every
     step the trigger-kept counters equal a recomputation from the block map."""
     rng = random.Random(seed)
-    store = opener()
+    store = opener(cache_limit=0)  # nothing cached: a small write into a stored block is a patch
     folders = [leaf(store, "processing/common/uploads"), leaf(store, "cache/data"), leaf(store, "cleanup/manual")]
     pool = [rng.randbytes(BLOCK_SIZE) for _ in range(4)] + [compressible(BLOCK_SIZE, i) for i in range(2)]
     files: list[tuple[int, bytes]] = []
     for step in range(60):
-        op = rng.choice(["write", "write", "truncate", "link", "rename", "unlink", "expire", "flush"])
+        op = rng.choice(["write", "write", "patch", "truncate", "link", "rename", "unlink", "expire", "flush"])
         if op == "write" or not files:
             folder = rng.choice(folders)
             name = b"f%d" % step
@@ -1421,6 +1538,11 @@ async def test_counters_match_the_block_map_whatever_happens(opener, seed):
         ino = store.lookup(folder, name)
         if op == "truncate":
             await store.truncate(ino, rng.randint(0, 3 * BLOCK_SIZE))
+            files.append((folder, name))
+        elif op == "patch":  # small writes into stored blocks: patches, some shared
+            await store.blocks.flush_all()
+            for _ in range(rng.randint(1, 3)):
+                await store.write(ino, rng.randrange(3 * BLOCK_SIZE), rng.choice(pool)[:rng.randint(1, 4 * KiB)])
             files.append((folder, name))
         elif op == "link":
             target = rng.choice([f for f in folders if store.inode(f).area == store.inode(ino).area])
@@ -1474,6 +1596,45 @@ async def test_a_version_2_store_is_migrated_with_its_counters(opener):
     assert _counters(migrated) == expected
     assert migrated.least_recently_used("cache", 10) != []
     assert sorted(name for _, name, _ in migrated.children(folder)) == [b"f0", b"f1", b"f2"]
+
+
+@trio_test
+async def test_a_version_6_store_gets_layered_block_maps_and_takes_patches(opener):
+    store = opener(cache_limit=0)
+    folder = leaf(store, "cache/data")
+    files = {new_file(store, folder, b"f%d" % i): bytearray(random.Random(i).randbytes(2 * BLOCK_SIZE + 10))
+             for i in range(3)}
+    for ino, data in files.items():
+        await store.write(ino, 0, bytes(data))
+    await store.sync()
+    expected = _recomputed(store)
+    # take the block map back to schema version 6: one entry per block, no layer
+    db = store.db
+    for trigger in ("block_added", "block_removed", "block_remapped", "inode_changed_area"):
+        db.execute(f"DROP TRIGGER {trigger}")
+    db.execute("CREATE TABLE blocks_6 (inode INTEGER NOT NULL, blockno INTEGER NOT NULL, object INTEGER NOT NULL, "
+               "tag BLOB, PRIMARY KEY (inode, blockno)) WITHOUT ROWID")
+    db.execute("INSERT INTO blocks_6 SELECT inode, blockno, object, tag FROM blocks")
+    db.execute("DROP TABLE blocks")
+    db.execute("ALTER TABLE blocks_6 RENAME TO blocks")
+    db.execute("CREATE INDEX blocks_object ON blocks(object)")
+    db._run_script(_BLOCK_TRIGGERS)  # noqa: SLF001 (the same in version 6)
+    db.set_meta("schema_version", 6)
+    store.close()
+
+    store = opener(cache_limit=0)
+    assert store.db.get_meta("schema_version") == SCHEMA_VERSION
+    assert _counters(store) == expected
+    for ino, data in files.items():
+        assert await store.read(ino, 0, 3 * BLOCK_SIZE) == data
+        await store.write(ino, 5, b"patch")
+        data[5:10] = b"patch"
+    await store.sync()
+    for ino, data in files.items():
+        assert layers(store, ino, 0) == [0, 1]
+        assert await store.read(ino, 0, 3 * BLOCK_SIZE) == data
+    assert _counters(store) == _recomputed(store)
+    assert (await check_store(store, repair=False)).clean
 
 
 def _as_version_3(store):

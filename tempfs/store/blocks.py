@@ -33,6 +33,7 @@ from ..codec import ContentCodec, IntegrityError
 from .db import Database
 from .objects import MAX_OBJECT_BYTES, ObjectFiles
 from .packs import PackFiles
+from . import patch
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ FLUSH_AGE = 2.0          # seconds a block may stay dirty when there is no press
 FLUSH_PARALLELISM = 3    # batches sealed at once (2 cores, plus disk waits)
 FLUSH_BATCH = 8          # blocks per trip to a worker thread: a trip costs ~0.2 ms
 INLINE_MAX = 16 * 1024   # sealed objects up to this size live in the metadata, not in packs
+MAX_PATCHES = 8          # patches a stored block may carry; the next change loads and stores it whole
 READAHEAD_BLOCKS = 8     # blocks loaded ahead of a reader that reads a file in order
 READAHEAD_BATCH = 4      # asked for once this many are left to ask: one query, one trip to a worker
 READAHEAD_PARALLELISM = 4
@@ -59,19 +61,45 @@ class BlockReadError(Exception):
 
 @dataclass(eq=False)
 class DirtyBlock:
+    """A block written since it was last stored: its whole content (`data`), or what was
+    written over its stored content (`overlay`), to be stored as a patch."""
     data: bytearray
     tag: Optional[str] = None  # the area it will be charged to once stored
     since: float = field(default_factory=time.monotonic)
     version: int = 0
-    flushing: Optional[trio.Event] = None
+    flushing: Optional[trio.Event] = None  # set when the flush (or fill-in) holding it ends
+    overlay: Optional[patch.Overlay] = None
+
+    def put(self, start: int, piece: memoryview) -> None:
+        if self.overlay is None:
+            if len(self.data) < start:
+                self.data.extend(bytes(start - len(self.data)))
+            self.data[start:start + len(piece)] = piece
+        else:
+            self.overlay.write(start, piece)
+            if self.overlay.covers(len(self.overlay.data)):  # nothing stored shows through any more
+                self.data, self.overlay = self.overlay.data, None
+        self.version += 1
+
+    def cut(self, keep: int) -> None:
+        if self.overlay is not None:
+            self.overlay.truncate(keep)
+        elif len(self.data) > keep:
+            del self.data[keep:]
+        else:
+            return
+        self.version += 1
 
 
 class BlockStore:
     def __init__(self, db: Database, objects: ObjectFiles, packs: PackFiles, codec: ContentCodec,
-                 block_size: int, dirty_limit: int, cache_limit: int, inline_max: int = INLINE_MAX) -> None:
+                 block_size: int, dirty_limit: int, cache_limit: int, inline_max: int = INLINE_MAX,
+                 patch_max: Optional[int] = None) -> None:
         self.db, self.objects, self.packs, self.codec = db, objects, packs, codec
         self.block_size = block_size
         self.inline_max = inline_max
+        # the largest patch (encoded) stored; a larger change loads the block. 0: no patches
+        self.patch_max = block_size // 4 if patch_max is None else patch_max
         self.dirty_limit = max(dirty_limit, 4 * block_size)
         self.cache_limit = cache_limit
         self.dirty: dict[tuple[int, int], DirtyBlock] = {}
@@ -138,20 +166,22 @@ class BlockStore:
                 self._loading[object_id] = trio.Event()
 
     def _mapped_range(self, inode: int, start: int, stop: int) -> dict[int, Optional[tuple]]:
-        """The distinct objects blocks start..stop-1 are stored in, with their _sealing_facts:
-        those not dirty and whose block map entry authenticates (the reader meets, and
-        reports, the others). One query, which also answers _mapped() for these blocks."""
+        """The distinct objects blocks start..stop-1 are stored in (bases and patches), with
+        their _sealing_facts: those of blocks not dirty whose block map entries authenticate
+        (the reader meets, and reports, the others). One query, which also answers _mapped()
+        for these blocks."""
+        layers: dict[int, list[tuple]] = {blockno: [] for blockno in range(start, stop)}
+        facts: dict[int, Optional[tuple]] = {}
+        for blockno, layer, object_id, tag, *known in self.db.execute(
+                f"SELECT blockno, layer, object, tag, {_FACTS} FROM blocks LEFT JOIN objects ON objects.id=blocks.object "
+                "WHERE inode=? AND blockno>=? AND blockno<? ORDER BY blockno, layer", (inode, start, stop)):
+            layers[blockno].append((layer, object_id, tag))
+            facts[object_id] = None if known[0] is None else tuple(known)  # no wrapped key: no object row
         out: dict[int, Optional[tuple]] = {}
-        holes = set(range(start, stop))
-        for blockno, object_id, tag, *facts in self.db.execute(
-                f"SELECT blockno, object, tag, {_FACTS} FROM blocks LEFT JOIN objects ON objects.id=blocks.object "
-                "WHERE inode=? AND blockno>=? AND blockno<?", (inode, start, stop)):
-            holes.discard(blockno)
-            self.db.remember(_MAPPING, (inode, blockno), (object_id, tag))
-            if (inode, blockno) not in self.dirty and tag == self.codec.block_tag(inode, blockno, object_id):
-                out[object_id] = None if facts[0] is None else tuple(facts)  # no wrapped key: no object row
-        for blockno in holes:
-            self.db.remember(_MAPPING, (inode, blockno), None)
+        for blockno, rows in layers.items():
+            self.db.remember(_MAPPING, (inode, blockno), tuple(rows))
+            if (inode, blockno) not in self.dirty and self._authentic(inode, blockno, rows):
+                out.update((object_id, facts[object_id]) for _, object_id, _ in rows)
         return out
 
     async def run_read_ahead(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -185,60 +215,100 @@ class BlockStore:
                     loading.set()
 
     async def _blocks(self, inode: int, blocknos: range) -> list[bytes]:
-        """The current content of some blocks of a file, with one trip to the worker threads
-        for all the objects that are not cached."""
+        """The current content of some blocks of a file: what is stored, under what was
+        written since, with one trip to the worker threads for all the objects not cached."""
+        dirty = [self.dirty.get((inode, blockno)) for blockno in blocknos]
+        if not any(dirty):  # the common case
+            stored = await self._stored(inode, blocknos)
+            return [stored[blockno] for blockno in blocknos]
+        # an overlay is taken now: if the flusher stores it meanwhile, it is still laid over
+        overlays = {blockno: block.overlay for blockno, block in zip(blocknos, dirty)
+                    if block is not None and block.overlay is not None}
+        stored = await self._stored(inode, [b for b, block in zip(blocknos, dirty) if block is None or b in overlays])
+        found = []
+        for blockno, block in zip(blocknos, dirty):
+            if blockno in overlays:
+                found.append(overlays[blockno].over(stored[blockno]))
+            else:
+                found.append(stored[blockno] if block is None else bytes(block.data))
+        return found
+
+    async def _stored(self, inode: int, blocknos: Iterable[int]) -> dict[int, bytes]:
+        """What is stored of some blocks of a file: each base with its patches applied."""
         for _attempt in range(3):
             await self._loads_ahead_done(inode, blocknos)
-            found: dict[int, bytes] = {}
-            wanted: dict[int, int] = {}
-            for blockno in blocknos:
-                dirty = self.dirty.get((inode, blockno))
-                object_id = None if dirty is not None else self._mapped(inode, blockno)
-                if dirty is not None:
-                    found[blockno] = bytes(dirty.data)
-                elif object_id is None:
-                    found[blockno] = b""
-                elif object_id in self._clean:
-                    self._clean.move_to_end(object_id)
-                    found[blockno] = self._clean[object_id]
-                    self.hits += 1
-                else:
-                    wanted[blockno] = object_id
+            layers = {blockno: self._mapped(inode, blockno) for blockno in blocknos}
+            have: dict[int, bytes] = {}  # taken now: loading the others may push them out of the cache
+            wanted: set[int] = set()
+            for rows in layers.values():
+                missing = False
+                for _, object_id, _ in rows:
+                    plain = self._clean.get(object_id)
+                    if plain is None:
+                        wanted.add(object_id)
+                        missing = True
+                    else:
+                        self._clean.move_to_end(object_id)
+                        have[object_id] = plain
+                if missing:
                     self.misses += 1
-            if not wanted:
-                return [found[b] for b in blocknos]
-            facts = self._sealing_facts_of(set(wanted.values()))
-            loaded = await trio.to_thread.run_sync(self._load_many, facts)
-            for blockno, object_id in wanted.items():
-                plain = loaded[object_id]
-                if isinstance(plain, Exception):
-                    if self._mapped(inode, blockno) == object_id and self._sealing_facts(object_id) == facts[object_id]:
-                        raise BlockReadError(inode, blockno, str(plain))
-                    break  # rewritten or moved (compacted) while we read it: read again
-                self._remember(object_id, plain)
-                found[blockno] = plain
-            else:
-                return [found[b] for b in blocknos]
-        raise BlockReadError(inode, blocknos[0], "blocks keep changing under the reader")
+                elif rows:
+                    self.hits += 1
+            if wanted:
+                facts = self._sealing_facts_of(wanted)
+                loaded = await trio.to_thread.run_sync(self._load_many, facts)
+                failed = next(((o, e) for o, e in loaded.items() if isinstance(e, Exception)), None)
+                if failed is not None:
+                    object_id, error = failed
+                    blockno = next(b for b, rows in layers.items() if any(r[1] == object_id for r in rows))
+                    if self._mapped(inode, blockno) == layers[blockno] and self._sealing_facts(object_id) == facts[object_id]:
+                        raise BlockReadError(inode, blockno, str(error))
+                    continue  # rewritten or moved (compacted) while we read it: read again
+                for object_id, plain in loaded.items():
+                    self._remember(object_id, plain)
+                have.update(loaded)
+            return {blockno: self._compose(inode, blockno, rows, have) for blockno, rows in layers.items()}
+        raise BlockReadError(inode, next(iter(blocknos)), "blocks keep changing under the reader")
 
-    async def _loads_ahead_done(self, inode: int, blocknos: range) -> None:
+    def _compose(self, inode: int, blockno: int, rows: tuple, plain: dict[int, bytes]) -> bytes:
+        """A stored block from its layers' plaintexts."""
+        if not rows:
+            return b""
+        if len(rows) == 1 and rows[0][0] == 0:
+            return plain[rows[0][1]]  # the common case: a base, no patches
+        base = plain[rows[0][1]] if rows[0][0] == 0 else b""
+        try:
+            return patch.apply(base, [plain[object_id] for layer, object_id, _ in rows if layer > 0], self.block_size)
+        except IntegrityError as e:
+            raise BlockReadError(inode, blockno, str(e)) from None
+
+    async def _loads_ahead_done(self, inode: int, blocknos: Iterable[int]) -> None:
         """Waits for the loads ahead of these blocks' objects, rather than load them twice."""
         if not self._loading:  # the common case: nothing is being loaded ahead
             return
         for blockno in blocknos:
-            if (inode, blockno) not in self.dirty:
-                loading = self._loading.get(self._mapped(inode, blockno))
+            for _, object_id, _ in self._mapped(inode, blockno):
+                loading = self._loading.get(object_id)
                 if loading is not None:
                     await loading.wait()
 
-    def _mapped(self, inode: int, blockno: int, verify: bool = True) -> Optional[int]:
-        """The object a block is stored in (None: a hole); `verify` checks the entry's tag."""
-        row = self.db.one_cached(_MAPPING, (inode, blockno))
-        if row is None:
-            return None
-        if verify and row[1] != self.codec.block_tag(inode, blockno, row[0]):
-            raise BlockReadError(inode, blockno, f"the block map entry for object {row[0]:016x} fails authentication")
-        return row[0]
+    def _mapped(self, inode: int, blockno: int, verify: bool = True) -> tuple[tuple[int, int, bytes], ...]:
+        """(layer, object, tag) of each layer a block is stored in, in order (none: a hole);
+        `verify` checks the tags."""
+        rows = self.db.all_cached(_MAPPING, (inode, blockno))
+        if verify:
+            for layer, object_id, tag in rows:
+                if tag != self.codec.block_tag(inode, blockno, object_id, layer):
+                    raise BlockReadError(inode, blockno, f"the block map entry for object {object_id:016x} "
+                                                         f"(layer {layer}) fails authentication")
+        return rows
+
+    def _authentic(self, inode: int, blockno: int, rows: Iterable[tuple]) -> bool:
+        block_tag = self.codec.block_tag
+        for layer, object_id, tag in rows:
+            if tag != block_tag(inode, blockno, object_id, layer):
+                return False
+        return True
 
     def _sealing_facts(self, object_id: int) -> Optional[tuple]:
         """(wrapped key, digest, sealed bytes if inline, pack, offset, stored size) of an object,
@@ -304,18 +374,25 @@ class BlockStore:
         while pos < len(data):
             blockno, start = divmod(offset + pos, self.block_size)
             n = min(self.block_size - start, len(data) - pos)
-            past_end = size is not None and blockno * self.block_size >= size
-            block = await self._dirty_block(inode, blockno, past_end or (start == 0 and n == self.block_size), tag)
-            buf = block.data
-            if len(buf) < start:
-                buf.extend(bytes(start - len(buf)))
-            buf[start:start + n] = data[pos:pos + n]
-            block.version += 1
+            block = await self._dirty_block(inode, blockno, self.replaces(blockno, start, n, size), tag)
+            block.put(start, data[pos:pos + n])
+            if block.overlay is not None and block.overlay.encoded_size() > self.patch_max:
+                await self._fill_in((inode, blockno), block)
             pos += n
 
+    def replaces(self, blockno: int, start: int, n: int, size: Optional[int]) -> bool:
+        """Whether writing `n` bytes at `start` in block `blockno` leaves nothing of what is
+        stored of it: the block lies past the file's end (`size`), which it never extends
+        past, or the write covers it up to its end or the file's."""
+        base = blockno * self.block_size
+        if size is not None and base >= size:
+            return True
+        return start == 0 and (n == self.block_size or (size is not None and base + n >= size))
+
     async def _dirty_block(self, inode: int, blockno: int, fresh: bool, tag: Optional[str]) -> DirtyBlock:
-        """The dirty block `blockno`, made from its stored content unless `fresh` (nothing of
-        that content survives the write)."""
+        """The dirty block `blockno`: empty if `fresh` (nothing of its stored content survives
+        the write), else an overlay of its stored content when loading that would cost a read
+        and more patches may pile on it, else its stored content."""
         key = (inode, blockno)
         while True:
             block = self.dirty.get(key)
@@ -325,13 +402,15 @@ class BlockStore:
                 self._flush_wanted.set()
                 await self._room_lot.park()
                 continue
-            base = b""
+            block = DirtyBlock(bytearray(), tag)
             if not fresh:
                 mapped = self._mapped(inode, blockno)
-                base = (await self._blocks(inode, range(blockno, blockno + 1)))[0]
-                if key in self.dirty or self._mapped(inode, blockno) != mapped:
-                    continue  # written, flushed or truncated while we read: the base is stale
-            block = DirtyBlock(bytearray(base), tag)
+                if self._patchable(mapped):
+                    block.overlay = patch.Overlay(self.block_size)
+                else:
+                    block.data += (await self._blocks(inode, range(blockno, blockno + 1)))[0]
+                    if key in self.dirty or self._mapped(inode, blockno) != mapped:
+                        continue  # written, flushed or truncated while we read: the base is stale
             self.dirty[key] = block
             self.dirty_bytes += self.block_size
             self.dirty_by_tag[tag] += self.block_size
@@ -340,15 +419,35 @@ class BlockStore:
                 self._flush_wanted.set()
             return block
 
+    def _patchable(self, mapped: tuple) -> bool:
+        """Whether a change to a stored block is best stored as a patch: the block is stored,
+        not cached (else its content costs nothing) and has room for another patch."""
+        return (0 < len(mapped) <= MAX_PATCHES and self.patch_max > 0
+                and not all(row[1] in self._clean for row in mapped))
+
+    async def _fill_in(self, key: tuple[int, int], block: DirtyBlock) -> None:
+        """Turns an overlay grown too large for a patch into the whole block, by loading what
+        is stored under it. Holds the block as a flush does, so its stored layers stay put."""
+        while block.flushing is not None:
+            await block.flushing.wait()
+        if self.dirty.get(key) is not block or block.overlay is None:
+            return  # stored (as a patch) or truncated meanwhile, or filled in by another write
+        block.flushing = trio.Event()
+        try:
+            stored = (await self._stored(key[0], [key[1]]))[key[1]]
+            if self.dirty.get(key) is block:  # the overlay has every write made while loading
+                block.data, block.overlay = bytearray(block.overlay.over(stored)), None
+                block.version += 1
+        finally:
+            block.flushing.set()
+            block.flushing = None
+
     async def cut_tail(self, inode: int, size: int, tag: Optional[str] = None) -> None:
         """Makes sure the block holding byte `size` keeps nothing at or past it."""
         blockno, keep = divmod(size, self.block_size)
-        if keep == 0 or ((inode, blockno) not in self.dirty and self._mapped(inode, blockno, verify=False) is None):
+        if keep == 0 or ((inode, blockno) not in self.dirty and not self._mapped(inode, blockno, verify=False)):
             return
-        block = await self._dirty_block(inode, blockno, False, tag)
-        if len(block.data) > keep:
-            del block.data[keep:]
-            block.version += 1
+        (await self._dirty_block(inode, blockno, False, tag)).cut(keep)
 
     def drop_after(self, inode: int, size: int) -> None:
         """Forgets every block wholly at or past `size` (truncation, deletion with size 0)."""
@@ -421,7 +520,10 @@ class BlockStore:
                     busy.append(block.flushing)
                     continue
                 block.flushing = trio.Event()
-                claimed.append(_Claim(key, block, block.version, bytes(block.data)))
+                if block.overlay is None:
+                    claimed.append(_Claim(key, block, block.version, bytes(block.data)))
+                else:
+                    claimed.append(_Claim(key, block, block.version, block.overlay.encode(), patch=True))
             try:
                 if claimed:
                     await self._seal_batch(claimed)
@@ -437,7 +539,7 @@ class BlockStore:
     async def _seal_batch(self, claimed: list["_Claim"]) -> None:
         """Stores a batch of blocks: two trips to the worker threads (hash, then seal and write
         what is new), then one synchronous metadata update."""
-        digests = await trio.to_thread.run_sync(self._digests, [c.plain for c in claimed])
+        digests = await trio.to_thread.run_sync(self._digests, claimed)
         new: dict[bytes, tuple[int, bytes, Optional[str]]] = {}
         for claim, digest in zip(claimed, digests):
             claim.digest = digest
@@ -474,15 +576,19 @@ class BlockStore:
             if object_id is None:
                 return None  # the object it matched lost its last reference meanwhile: flush again later
             self.db.execute("UPDATE objects SET refcount=refcount+1 WHERE id=?", (object_id,))
-        self._map(claim.key, object_id)
+        if claim.patch:
+            self._add_patch(claim.key, object_id)
+        else:
+            self._map(claim.key, object_id)
         if claim.block.version == claim.version:
             # not kept in the clean cache: the kernel's page cache already holds what was written
             self._discard_dirty(claim.key)
         return object_id
 
-    def _digests(self, plains: list[bytes]) -> list[Optional[bytes]]:
-        """The dedup digest of each block, None for an all-zero block (a hole)."""
-        return [None if p.count(0) == len(p) else self.codec.digest(p) for p in plains]
+    def _digests(self, claimed: list["_Claim"]) -> list[Optional[bytes]]:
+        """The dedup digest of each block or patch, None for an all-zero block (a hole)."""
+        return [None if not c.patch and c.plain.count(0) == len(c.plain) else self.codec.digest(c.plain)
+                for c in claimed]
 
     def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes, Optional[str]]]) -> list[tuple]:
         """(stored size, wrapped key, sealed bytes if kept inline, pack, offset) of each object;
@@ -506,17 +612,24 @@ class BlockStore:
         return None if row is None else row[0]
 
     def _map(self, key: tuple[int, int], object_id: Optional[int]) -> None:
-        """Points a block at an object (which already counts this reference), or makes it a hole."""
+        """Points a block at an object (which already counts this reference), or makes it a
+        hole; its patches go."""
         old = self._mapped(*key, verify=False)
-        if object_id is None:
-            self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", key)
-        else:
+        if object_id is None or any(row[0] > 0 for row in old):
+            self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?" + (" AND layer>0" if object_id else ""), key)
+        if object_id is not None:
             # an upsert, not INSERT OR REPLACE: REPLACE deletes without firing the accounting triggers
-            self.db.execute("INSERT INTO blocks(inode, blockno, object, tag) VALUES (?, ?, ?, ?) "
-                            "ON CONFLICT (inode, blockno) DO UPDATE SET object=excluded.object, tag=excluded.tag",
+            self.db.execute("INSERT INTO blocks(inode, blockno, layer, object, tag) VALUES (?, ?, 0, ?, ?) "
+                            "ON CONFLICT (inode, blockno, layer) DO UPDATE SET object=excluded.object, tag=excluded.tag",
                             (*key, object_id, self.codec.block_tag(*key, object_id)))
-        if old is not None:
-            self._decref(old)
+        for _, old_object, _ in old:
+            self._decref(old_object)
+
+    def _add_patch(self, key: tuple[int, int], object_id: int) -> None:
+        """Lays a patch (an object which already counts this reference) over a stored block."""
+        layer = max((row[0] for row in self._mapped(*key, verify=False)), default=0) + 1
+        self.db.execute("INSERT INTO blocks(inode, blockno, layer, object, tag) VALUES (?, ?, ?, ?, ?)",
+                        (*key, layer, object_id, self.codec.block_tag(*key, object_id, layer)))
 
     def _decref(self, object_id: int) -> None:
         self._drop_if(object_id, self.db.one(f"UPDATE objects SET refcount=refcount-1 WHERE id=? "
@@ -610,14 +723,15 @@ class BlockStore:
 
 _STORAGE = "refcount, data IS NOT NULL, pack, stored_size"  # what dropping an object needs
 _FACTS = "wrapped_key, digest, data, pack, offset, stored_size"  # what loading it needs
-_MAPPING = "SELECT object, tag FROM blocks WHERE inode=? AND blockno=?"  # what _mapped asks
+_MAPPING = "SELECT layer, object, tag FROM blocks WHERE inode=? AND blockno=? ORDER BY layer"  # what _mapped asks
 
 
 @dataclass(eq=False)
 class _Claim:
-    """A dirty block taken by a flush: its content as of `version`."""
+    """A dirty block taken by a flush: its content, or its overlay, as of `version`."""
     key: tuple[int, int]
     block: DirtyBlock
     version: int
-    plain: bytes
+    plain: bytes  # the block's content, or the encoded patch of its overlay
+    patch: bool = False
     digest: Optional[bytes] = None

@@ -245,25 +245,25 @@ class _Checker:
                   "is used by no block", "dropped", drop)
 
     def _blocks_of_missing_inodes(self, lo: int, hi: int) -> None:
-        rows = self.db.execute("SELECT b.inode, b.blockno, b.object FROM blocks b WHERE b.object BETWEEN ? AND ? "
+        rows = self.db.execute("SELECT b.inode, b.blockno, b.layer, b.object FROM blocks b WHERE b.object BETWEEN ? AND ? "
                                "AND NOT EXISTS (SELECT 1 FROM inodes i WHERE i.id = b.inode)", (lo, hi)).fetchall()
-        for ino, blockno, object_id in rows:
+        for ino, blockno, layer, object_id in rows:
             self._fix("blocks of missing inodes", f"block {blockno} of inode {ino}, which does not exist, "
                       f"uses object {object_id:016x}", "removed",
-                      lambda i=ino, b=blockno, o=object_id: self._remove_block(i, b, o))
+                      lambda i=ino, b=blockno, n=layer, o=object_id: self._remove_block(i, b, n, o))
 
     def _unauthentic_blocks(self, lo: int, hi: int) -> None:
         """Block map entries edited outside tempfs (e.g. pointing a file at another's object):
         damage, left as found, since the right object is unknowable."""
         tag = self.store.blocks.codec.block_tag
-        for ino, blockno, object_id, stored in self.db.execute(
-                "SELECT inode, blockno, object, tag FROM blocks WHERE object BETWEEN ? AND ?", (lo, hi)).fetchall():
-            if stored != tag(ino, blockno, object_id):
+        for ino, blockno, layer, object_id, stored in self.db.execute(
+                "SELECT inode, blockno, layer, object, tag FROM blocks WHERE object BETWEEN ? AND ?", (lo, hi)).fetchall():
+            if stored != tag(ino, blockno, object_id, layer):
                 self._damaged("unauthentic block map entries", f"{self._name(ino)} (block {blockno}): its entry "
                               f"for object {object_id:016x} fails authentication")
 
-    def _remove_block(self, ino: int, blockno: int, object_id: int) -> None:
-        self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?", (ino, blockno))
+    def _remove_block(self, ino: int, blockno: int, layer: int, object_id: int) -> None:
+        self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=? AND layer=?", (ino, blockno, layer))
         self.store.blocks._decref(object_id)  # noqa: SLF001 (drops the object with its last user)
 
     # ---- the tree ----------------------------------------------------------------------------

@@ -16,13 +16,23 @@ from typing import Any, Callable, Iterable, Optional
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 MEMO_ENTRIES = 4096  # rows one_cached() keeps between changes
 
 # An entry's deadline: its last change inside tempfs (ctime, which programs cannot set back)
 # plus its policy's max_age, or earlier if a program shortened it (user.tempfs.ttl).
 _EXPIRES = ("CASE WHEN life_ns IS NULL THEN ttl_deadline_ns "
             "ELSE min(ctime_ns + life_ns, coalesce(ttl_deadline_ns, ctime_ns + life_ns)) END")
+
+# A block is its base (layer 0) and the patches written over it since (store/patch.py).
+_BLOCKS = """
+CREATE TABLE blocks (
+    inode INTEGER NOT NULL, blockno INTEGER NOT NULL, layer INTEGER NOT NULL DEFAULT 0, object INTEGER NOT NULL,
+    tag BLOB,                             -- codec.block_tag: the entry is authentic
+    PRIMARY KEY (inode, blockno, layer)
+) WITHOUT ROWID;
+CREATE INDEX blocks_object ON blocks(object);
+"""
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB);
@@ -57,42 +67,14 @@ CREATE TABLE objects (
     pack INTEGER, offset INTEGER          -- where it is appended (packs.py); NULL: inline, or its own file (before 6)
 );
 CREATE INDEX objects_pack ON objects(pack) WHERE pack IS NOT NULL;
-CREATE TABLE blocks (
-    inode INTEGER NOT NULL, blockno INTEGER NOT NULL, object INTEGER NOT NULL,
-    tag BLOB,                             -- codec.block_tag: the entry is authentic
-    PRIMARY KEY (inode, blockno)
-) WITHOUT ROWID;
-CREATE INDEX blocks_object ON blocks(object);
-CREATE TABLE xattrs (
+{blocks}CREATE TABLE xattrs (
     inode INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (inode, name)
 ) WITHOUT ROWID;
-""".format(expires=_EXPIRES)
+""".format(expires=_EXPIRES, blocks=_BLOCKS)
 
-# Stored bytes, kept exact by triggers in the same transaction as the change that moves them,
-# so a limit check is one indexed read and a crash never leaves the counters behind the data.
-# An area pays for each object it references once (area_objects counts its references), however
-# many of its blocks share it; an object shared by two areas counts in both. `totals` holds the
-# whole store's figures, each object once, as on disk.
-# A block whose object row is lost (damage the check reports) counts 0, so its file can still go.
-_ACCOUNTING = """
-CREATE TABLE area_objects (
-    area TEXT NOT NULL, object INTEGER NOT NULL, refs INTEGER NOT NULL,
-    PRIMARY KEY (area, object)
-) WITHOUT ROWID;
-CREATE TABLE area_usage (area TEXT PRIMARY KEY, stored_bytes INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE totals (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-INSERT INTO totals VALUES ('stored_bytes', 0), ('objects', 0);
-
-CREATE TRIGGER object_added AFTER INSERT ON objects BEGIN
-    UPDATE totals SET value = value + NEW.stored_size WHERE name = 'stored_bytes';
-    UPDATE totals SET value = value + 1 WHERE name = 'objects';
-END;
-CREATE TRIGGER object_removed AFTER DELETE ON objects BEGIN
-    UPDATE totals SET value = value - OLD.stored_size WHERE name = 'stored_bytes';
-    UPDATE totals SET value = value - 1 WHERE name = 'objects';
-END;
-
+# What a block map change does to the counters below (and what moving a file to another area does).
+_BLOCK_TRIGGERS = """
 CREATE TRIGGER block_added AFTER INSERT ON blocks BEGIN
     UPDATE inodes SET stored_bytes = stored_bytes + coalesce((SELECT stored_size FROM objects WHERE id = NEW.object), 0)
         WHERE id = NEW.inode;
@@ -130,6 +112,33 @@ CREATE TRIGGER inode_changed_area AFTER UPDATE OF area ON inodes WHEN OLD.area I
     DELETE FROM area_objects WHERE area = OLD.area AND refs <= 0;
 END;
 
+"""
+
+# Stored bytes, kept exact by triggers in the same transaction as the change that moves them,
+# so a limit check is one indexed read and a crash never leaves the counters behind the data.
+# An area pays for each object it references once (area_objects counts its references), however
+# many of its blocks share it; an object shared by two areas counts in both. `totals` holds the
+# whole store's figures, each object once, as on disk.
+# A block whose object row is lost (damage the check reports) counts 0, so its file can still go.
+_ACCOUNTING = """
+CREATE TABLE area_objects (
+    area TEXT NOT NULL, object INTEGER NOT NULL, refs INTEGER NOT NULL,
+    PRIMARY KEY (area, object)
+) WITHOUT ROWID;
+CREATE TABLE area_usage (area TEXT PRIMARY KEY, stored_bytes INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE totals (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO totals VALUES ('stored_bytes', 0), ('objects', 0);
+
+CREATE TRIGGER object_added AFTER INSERT ON objects BEGIN
+    UPDATE totals SET value = value + NEW.stored_size WHERE name = 'stored_bytes';
+    UPDATE totals SET value = value + 1 WHERE name = 'objects';
+END;
+CREATE TRIGGER object_removed AFTER DELETE ON objects BEGIN
+    UPDATE totals SET value = value - OLD.stored_size WHERE name = 'stored_bytes';
+    UPDATE totals SET value = value - 1 WHERE name = 'objects';
+END;
+
+{block_triggers}
 CREATE TRIGGER area_object_added AFTER INSERT ON area_objects BEGIN
     INSERT INTO area_usage(area, stored_bytes)
         VALUES (NEW.area, coalesce((SELECT stored_size FROM objects WHERE id = NEW.object), 0))
@@ -139,7 +148,7 @@ CREATE TRIGGER area_object_removed AFTER DELETE ON area_objects BEGIN
     UPDATE area_usage SET stored_bytes = stored_bytes - coalesce((SELECT stored_size FROM objects WHERE id = OLD.object), 0)
         WHERE area = OLD.area;
 END;
-"""
+""".replace("{block_triggers}", _BLOCK_TRIGGERS)
 
 # Recomputes every counter from the block map (a migration, or a repair by the check).
 _RECOUNT = """
@@ -232,6 +241,20 @@ class Database:
             self.conn.execute("CREATE INDEX IF NOT EXISTS objects_pack ON objects(pack) WHERE pack IS NOT NULL")
             self.set_meta("schema_version", 6)
             self.commit()
+            version = 6
+        if version == 6:  # patches: a block map entry per layer
+            self.conn.execute("BEGIN")
+            for trigger in ("block_added", "block_removed", "block_remapped", "inode_changed_area"):
+                self.conn.execute(f"DROP TRIGGER {trigger}")  # they name the table being replaced
+            self.conn.execute("ALTER TABLE blocks RENAME TO blocks_6")
+            self.conn.execute("DROP INDEX blocks_object")
+            self._run_script(_BLOCKS)
+            self.conn.execute("INSERT INTO blocks(inode, blockno, layer, object, tag) "
+                              "SELECT inode, blockno, 0, object, tag FROM blocks_6")
+            self.conn.execute("DROP TABLE blocks_6")
+            self._run_script(_BLOCK_TRIGGERS)  # after the copy, which moves no counter
+            self.set_meta("schema_version", 7)
+            self.commit()
         elif version != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version!r} is newer than this tempfs ({SCHEMA_VERSION})")
 
@@ -279,8 +302,21 @@ class Database:
         self._memorize(key, row)
         return row
 
+    def all_cached(self, sql: str, args: tuple) -> tuple:
+        """Every row of a query, answered from memory as one_cached() is."""
+        self._drop_stale_reads()
+        key = (sql, args)
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        rows = tuple(self.execute(sql, args))
+        self._memorize(key, rows)
+        return rows
+
     def remember(self, sql: str, args: tuple, row: Optional[tuple]) -> None:
-        """Tells one_cached() what one(sql, args) returns now, as a wider query just read it."""
+        """Tells one_cached() (or all_cached()) what one(sql, args) returns now, as a wider
+        query just read it."""
         self._drop_stale_reads()
         self._memorize((sql, args), row)
 

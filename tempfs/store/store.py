@@ -110,7 +110,8 @@ _SETTABLE = {"mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns"}
 
 class Store:
     def __init__(self, path: Path, codec: ContentCodec, *, dirty_limit: int, cache_limit: int,
-                 clock: Callable[[], int] = time.time_ns, inline_max: int = INLINE_MAX) -> None:
+                 clock: Callable[[], int] = time.time_ns, inline_max: int = INLINE_MAX,
+                 patch_max: Optional[int] = None) -> None:
         """Opens (or creates) the store at `path`, locking it; raises StoreOpenError."""
         self.path = path
         self.clock = clock
@@ -134,7 +135,7 @@ class Store:
         self.unlinked: set[int] = set()
         self.packs = PackFiles(path / "packs")
         self.blocks = BlockStore(self.db, self.objects, self.packs, codec, BLOCK_SIZE, dirty_limit, cache_limit,
-                                 inline_max)
+                                 inline_max, patch_max)
         # STORE/unclean exists while the store is open and goes at a clean close(): found here,
         # the last opener died (SIGKILL, power cut), so the daemon runs the quick check before
         # serving; close() removes it only once that is done (the check clears needs_recovery).
@@ -703,12 +704,13 @@ class Store:
         return 0 if row is None else row[0]
 
     def sole_objects(self, area: str, ino: int, first: int, last: int) -> dict[int, int]:
-        """Block number -> stored bytes, for the blocks first..last of a file whose object
-        nothing else in `area` uses: what rewriting those blocks frees there."""
+        """Block number -> stored bytes, for the blocks first..last of a file whose objects
+        (base and patches) nothing else in `area` uses: what rewriting those blocks whole
+        frees there."""
         return dict(self.db.execute(
-            "SELECT b.blockno, o.stored_size FROM blocks b "
+            "SELECT b.blockno, SUM(o.stored_size) FROM blocks b "
             "JOIN area_objects a ON a.area = ? AND a.object = b.object AND a.refs = 1 "
-            "JOIN objects o ON o.id = b.object WHERE b.inode = ? AND b.blockno BETWEEN ? AND ?",
+            "JOIN objects o ON o.id = b.object WHERE b.inode = ? AND b.blockno BETWEEN ? AND ? GROUP BY b.blockno",
             (area, ino, first, last)))
 
     def subtree_stored(self, ino: int) -> int:
