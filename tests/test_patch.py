@@ -37,8 +37,8 @@ def test_an_overlay_over_a_block_reads_as_the_writes_and_cuts_made_on_the_block(
     assert len(block) <= len(model) and block + bytes(len(model) - len(block)) == model
     # stored as a patch and applied after another patch, it reads the same
     assert apply(base, [Overlay(BLOCK).encode(), overlay.encode()], BLOCK) == block
-    extents = overlay.extents
-    assert all(s < e for s, e in extents) and all(a[1] < b[0] for a, b in zip(extents, extents[1:]))
+    spans = overlay.spans()
+    assert all(s < e for s, e in spans) and all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
     assert overlay.encoded_size() == len(overlay.encode())
 
 
@@ -47,11 +47,11 @@ def test_writes_that_touch_merge_into_one_extent():
     overlay.write(10, b"x" * 5)
     overlay.write(20, b"y" * 5)
     overlay.write(15, b"z" * 5)  # adjoins both
-    assert overlay.extents == [[10, 25]]
+    assert overlay.spans() == [(10, 25)]
     overlay.write(0, b"w" * 10)
-    assert overlay.extents == [[0, 25]] and not overlay.covers(BLOCK)
+    assert overlay.spans() == [(0, 25)] and overlay.covers() is None
     overlay.write(25, b"v" * (BLOCK - 25))
-    assert overlay.covers(BLOCK)
+    assert overlay.covers() == b"w" * 10 + b"x" * 5 + b"z" * 5 + b"y" * 5 + b"v" * (BLOCK - 25)
 
 
 def _patch(cut: int, *extents: tuple[int, bytes]) -> bytes:

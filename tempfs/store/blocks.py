@@ -77,8 +77,9 @@ class DirtyBlock:
             self.data[start:start + len(piece)] = piece
         else:
             self.overlay.write(start, piece)
-            if self.overlay.covers(len(self.overlay.data)):  # nothing stored shows through any more
-                self.data, self.overlay = self.overlay.data, None
+            whole = self.overlay.covers()
+            if whole is not None:  # nothing stored shows through any more
+                self.data, self.overlay = whole, None
         self.version += 1
 
     def cut(self, keep: int) -> None:

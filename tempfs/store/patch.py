@@ -24,51 +24,71 @@ _NO_CUT = 0xFFFFFFFF
 
 
 class Overlay:
-    """Bytes written over a stored block, not yet stored: the extents they cover, merged, and
-    the shortest length the block was cut to meanwhile."""
+    """Bytes written over a stored block, not yet stored: extents of written bytes, merged,
+    and the shortest length the block was cut to meanwhile."""
 
-    __slots__ = ("data", "extents", "cut")
+    __slots__ = ("block_size", "extents", "cut")
 
     def __init__(self, block_size: int) -> None:
-        self.data = bytearray(block_size)  # written bytes at their offsets; zeros elsewhere
-        self.extents: list[list[int]] = []   # sorted, disjoint, never adjacent [start, end)
+        self.block_size = block_size
+        self.extents: list[tuple[int, bytearray]] = []  # (start, bytes): sorted, apart, never adjacent
         self.cut: Optional[int] = None
 
     def write(self, start: int, piece: bytes | memoryview) -> None:
         end = start + len(piece)
-        self.data[start:end] = piece
-        # the extents this one touches or adjoins are merged with it
-        i = bisect.bisect_left(self.extents, [start, start])
-        if i > 0 and self.extents[i - 1][1] >= start:
+        extents = self.extents
+        # the extents this write touches or adjoins are merged with it
+        i = bisect.bisect_left(extents, start, key=_start)
+        if i > 0 and _end(extents[i - 1]) >= start:
             i -= 1
         j = i
-        while j < len(self.extents) and self.extents[j][0] <= end:
+        while j < len(extents) and extents[j][0] <= end:
             j += 1
-        if i < j:
-            start, end = min(start, self.extents[i][0]), max(end, self.extents[j - 1][1])
-        self.extents[i:j] = [[start, end]]
+        if i == j:
+            extents.insert(i, (start, bytearray(piece)))
+            return
+        first_start, first = extents[i]
+        merged = first[:start - first_start] if first_start < start else bytearray()
+        merged += piece
+        last_start, last = extents[j - 1]
+        merged += last[end - last_start:]  # empty unless the last one reaches past this write
+        extents[i:j] = [(min(start, first_start), merged)]
 
     def truncate(self, keep: int) -> None:
         """The block was cut to `keep` bytes: what was written past it goes."""
         self.cut = keep if self.cut is None else min(self.cut, keep)
-        self.extents = [[s, min(e, keep)] for s, e in self.extents if s < keep]
+        self.extents = [(start, data[:keep - start]) for start, data in self.extents if start < keep]
 
-    def covers(self, length: int) -> bool:
-        """Whether bytes 0..length-1 were all written (the stored block no longer matters)."""
-        return bool(self.extents) and self.extents[0][0] == 0 and self.extents[0][1] >= length
+    def covers(self) -> Optional[bytearray]:
+        """The whole block, if every byte of it was written (what is stored no longer shows)."""
+        if len(self.extents) == 1 and self.extents[0][0] == 0 and len(self.extents[0][1]) == self.block_size:
+            return self.extents[0][1]
+        return None
+
+    def spans(self) -> list[tuple[int, int]]:
+        """The [start, end) of each extent written."""
+        return [(start, start + len(data)) for start, data in self.extents]
 
     def encoded_size(self) -> int:
-        return _CUT.size + sum(_EXTENT.size + e - s for s, e in self.extents)
+        return _CUT.size + sum(_EXTENT.size + len(data) for _, data in self.extents)
 
     def encode(self) -> bytes:
         parts = [_CUT.pack(_NO_CUT if self.cut is None else self.cut)]
-        for start, end in self.extents:
-            parts += (_EXTENT.pack(start, end - start), self.data[start:end])
+        for start, data in self.extents:
+            parts += (_EXTENT.pack(start, len(data)), data)
         return b"".join(parts)
 
     def over(self, block: bytes) -> bytes:
         """The block as it reads with this overlay applied."""
-        return apply(block, [self.encode()], len(self.data))
+        return apply(block, [self.encode()], self.block_size)
+
+
+def _start(extent: tuple[int, bytearray]) -> int:
+    return extent[0]
+
+
+def _end(extent: tuple[int, bytearray]) -> int:
+    return extent[0] + len(extent[1])
 
 
 def apply(base: bytes, patches: Iterable[bytes], block_size: int) -> bytes:
