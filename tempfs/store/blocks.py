@@ -69,6 +69,7 @@ class DirtyBlock:
     version: int = 0
     flushing: Optional[trio.Event] = None  # set when the flush (or fill-in) holding it ends
     overlay: Optional[patch.Overlay] = None
+    next_layer: int = 1  # the layer its overlay is stored as
 
     def put(self, start: int, piece: memoryview) -> None:
         if self.overlay is None:
@@ -408,6 +409,7 @@ class BlockStore:
                 mapped = self._mapped(inode, blockno)
                 if self._patchable(mapped):
                     block.overlay = patch.Overlay(self.block_size)
+                    block.next_layer = mapped[-1][0] + 1
                 else:
                     block.data += (await self._blocks(inode, range(blockno, blockno + 1)))[0]
                     if key in self.dirty or self._mapped(inode, blockno) != mapped:
@@ -544,7 +546,8 @@ class BlockStore:
         new: dict[bytes, tuple[int, bytes, Optional[str]]] = {}
         for claim, digest in zip(claimed, digests):
             claim.digest = digest
-            if digest is not None and digest not in new and self._object_of(digest) is None:
+            # a patch is seldom stored twice: not worth a lookup (a second copy is not kept)
+            if digest is not None and digest not in new and (claim.patch or self._object_of(digest) is None):
                 new[digest] = (secrets.randbits(63), claim.plain, claim.block.tag)
         items = [(object_id, plain, digest, tag) for digest, (object_id, plain, tag) in new.items()]
         written = await trio.to_thread.run_sync(self._seal_and_write_many, items)
@@ -578,7 +581,8 @@ class BlockStore:
                 return None  # the object it matched lost its last reference meanwhile: flush again later
             self.db.execute("UPDATE objects SET refcount=refcount+1 WHERE id=?", (object_id,))
         if claim.patch:
-            self._add_patch(claim.key, object_id)
+            self._add_patch(claim.key, object_id, claim.block.next_layer)
+            claim.block.next_layer += 1
         else:
             self._map(claim.key, object_id)
         if claim.block.version == claim.version:
@@ -626,9 +630,10 @@ class BlockStore:
         for _, old_object, _ in old:
             self._decref(old_object)
 
-    def _add_patch(self, key: tuple[int, int], object_id: int) -> None:
-        """Lays a patch (an object which already counts this reference) over a stored block."""
-        layer = max((row[0] for row in self._mapped(*key, verify=False)), default=0) + 1
+    def _add_patch(self, key: tuple[int, int], object_id: int, layer: int) -> None:
+        """Lays a patch (an object which already counts this reference) over a stored block,
+        as `layer`: one past the last when the block was made dirty, and only its own flushes
+        add layers since."""
         self.db.execute("INSERT INTO blocks(inode, blockno, layer, object, tag) VALUES (?, ?, ?, ?, ?)",
                         (*key, layer, object_id, self.codec.block_tag(*key, object_id, layer)))
 
