@@ -69,7 +69,9 @@ class DirtyBlock:
     version: int = 0
     flushing: Optional[trio.Event] = None  # set when the flush (or fill-in) holding it ends
     overlay: Optional[patch.Overlay] = None
-    next_layer: int = 1  # the layer its overlay is stored as
+    # the block map rows (layer, object, tag) under it, as known since it was made dirty: only
+    # its own flushes change them meanwhile. None: not known, to be read when needed
+    stored: Optional[tuple] = None
 
     def put(self, start: int, piece: memoryview) -> None:
         if self.overlay is None:
@@ -376,7 +378,8 @@ class BlockStore:
         while pos < len(data):
             blockno, start = divmod(offset + pos, self.block_size)
             n = min(self.block_size - start, len(data) - pos)
-            block = await self._dirty_block(inode, blockno, self.replaces(blockno, start, n, size), tag)
+            unmapped = size is not None and blockno * self.block_size >= size  # past the end: nothing stored
+            block = await self._dirty_block(inode, blockno, self.replaces(blockno, start, n, size), tag, unmapped)
             block.put(start, data[pos:pos + n])
             if block.overlay is not None and block.overlay.encoded_size() > self.patch_max:
                 await self._fill_in((inode, blockno), block)
@@ -391,7 +394,8 @@ class BlockStore:
             return True
         return start == 0 and (n == self.block_size or (size is not None and base + n >= size))
 
-    async def _dirty_block(self, inode: int, blockno: int, fresh: bool, tag: Optional[str]) -> DirtyBlock:
+    async def _dirty_block(self, inode: int, blockno: int, fresh: bool, tag: Optional[str],
+                           unmapped: bool = False) -> DirtyBlock:
         """The dirty block `blockno`: empty if `fresh` (nothing of its stored content survives
         the write), else an overlay of its stored content when loading that would cost a read
         and more patches may pile on it, else its stored content."""
@@ -404,12 +408,11 @@ class BlockStore:
                 self._flush_wanted.set()
                 await self._room_lot.park()
                 continue
-            block = DirtyBlock(bytearray(), tag)
+            block = DirtyBlock(bytearray(), tag, stored=() if unmapped else None)
             if not fresh:
-                mapped = self._mapped(inode, blockno)
+                mapped = block.stored = self._mapped(inode, blockno)
                 if self._patchable(mapped):
                     block.overlay = patch.Overlay(self.block_size)
-                    block.next_layer = mapped[-1][0] + 1
                 else:
                     block.data += (await self._blocks(inode, range(blockno, blockno + 1)))[0]
                     if key in self.dirty or self._mapped(inode, blockno) != mapped:
@@ -580,11 +583,11 @@ class BlockStore:
             if object_id is None:
                 return None  # the object it matched lost its last reference meanwhile: flush again later
             self.db.execute("UPDATE objects SET refcount=refcount+1 WHERE id=?", (object_id,))
+        block = claim.block
         if claim.patch:
-            self._add_patch(claim.key, object_id, claim.block.next_layer)
-            claim.block.next_layer += 1
+            block.stored = self._add_patch(claim.key, object_id, block.stored)
         else:
-            self._map(claim.key, object_id)
+            block.stored = self._map(claim.key, object_id, block.stored)
         if claim.block.version == claim.version:
             # not kept in the clean cache: the kernel's page cache already holds what was written
             self._discard_dirty(claim.key)
@@ -616,26 +619,31 @@ class BlockStore:
         row = self.db.one("SELECT id FROM objects WHERE digest=?", (digest,))
         return None if row is None else row[0]
 
-    def _map(self, key: tuple[int, int], object_id: Optional[int]) -> None:
+    def _map(self, key: tuple[int, int], object_id: Optional[int], old: Optional[tuple] = None) -> tuple:
         """Points a block at an object (which already counts this reference), or makes it a
-        hole; its patches go."""
-        old = self._mapped(*key, verify=False)
+        hole; its patches go. `old`: its rows, if known. Returns its rows now."""
+        if old is None:
+            old = self._mapped(*key, verify=False)
         if object_id is None or any(row[0] > 0 for row in old):
             self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?" + (" AND layer>0" if object_id else ""), key)
         if object_id is not None:
             # an upsert, not INSERT OR REPLACE: REPLACE deletes without firing the accounting triggers
+            tag = self.codec.block_tag(*key, object_id)
             self.db.execute("INSERT INTO blocks(inode, blockno, layer, object, tag) VALUES (?, ?, 0, ?, ?) "
                             "ON CONFLICT (inode, blockno, layer) DO UPDATE SET object=excluded.object, tag=excluded.tag",
-                            (*key, object_id, self.codec.block_tag(*key, object_id)))
+                            (*key, object_id, tag))
         for _, old_object, _ in old:
             self._decref(old_object)
+        return () if object_id is None else ((0, object_id, tag),)
 
-    def _add_patch(self, key: tuple[int, int], object_id: int, layer: int) -> None:
-        """Lays a patch (an object which already counts this reference) over a stored block,
-        as `layer`: one past the last when the block was made dirty, and only its own flushes
-        add layers since."""
+    def _add_patch(self, key: tuple[int, int], object_id: int, under: tuple) -> tuple:
+        """Lays a patch (an object which already counts this reference) over a stored block
+        whose rows are `under`; returns its rows now."""
+        layer = under[-1][0] + 1 if under else 1
+        tag = self.codec.block_tag(*key, object_id, layer)
         self.db.execute("INSERT INTO blocks(inode, blockno, layer, object, tag) VALUES (?, ?, ?, ?, ?)",
-                        (*key, layer, object_id, self.codec.block_tag(*key, object_id, layer)))
+                        (*key, layer, object_id, tag))
+        return under + ((layer, object_id, tag),)
 
     def _decref(self, object_id: int) -> None:
         self._drop_if(object_id, self.db.one(f"UPDATE objects SET refcount=refcount-1 WHERE id=? "
