@@ -24,6 +24,7 @@ from tempfs.store import (ROOT_INODE, BlockReadError, DamagedMetadata, Store, St
 from tempfs.store.check import check_store
 from tempfs.store.db import _BLOCK_TRIGGERS, SCHEMA_VERSION
 from tempfs.store.blocks import MAX_PATCHES
+from tempfs.store.patch import apply
 from tempfs.store.store import BLOCK_SIZE, MAX_FILE_SIZE
 
 KiB = 1024
@@ -681,6 +682,26 @@ async def test_changes_too_large_for_a_patch_are_stored_with_the_whole_block(ope
     await store.sync()
     assert layers(store, f, 0) == [0] and objects_rows(store) == 1
     assert await store.read(f, 0, BLOCK_SIZE) == data
+
+
+@trio_test
+async def test_a_change_too_large_for_a_patch_over_a_damaged_block_fails_and_writes_nothing(opener):
+    store = opener(cache_limit=0, patch_max=4 * KiB)
+    f = new_file(store, leaf(store), b"f")
+    await store.write(f, 0, random.Random(7).randbytes(BLOCK_SIZE))
+    await store.sync()
+    base = store.db.one("SELECT object FROM blocks WHERE inode=?", (f,))[0]
+    blob = bytearray(sealed_of(store, base))
+    blob[-1] ^= 1
+    put_sealed(store, base, bytes(blob))
+    await store.write(f, 10, b"small")  # a patch: the block is not read
+    with pytest.raises(BlockReadError):
+        await store.write(f, 100, bytes(8 * KiB))
+    await store.sync()
+    assert layers(store, f, 0) == [0, 1]  # the small write's patch, nothing of the failed one
+    patch_id = store.db.one("SELECT object FROM blocks WHERE inode=? AND layer=1", (f,))[0]
+    stored = store.blocks._load(patch_id, store.blocks._sealing_facts(patch_id))  # noqa: SLF001
+    assert apply(bytes(BLOCK_SIZE), [stored], BLOCK_SIZE) == bytes(10) + b"small" + bytes(BLOCK_SIZE - 15)
 
 
 @trio_test

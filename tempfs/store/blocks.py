@@ -379,10 +379,12 @@ class BlockStore:
             blockno, start = divmod(offset + pos, self.block_size)
             n = min(self.block_size - start, len(data) - pos)
             unmapped = size is not None and blockno * self.block_size >= size  # past the end: nothing stored
-            block = await self._dirty_block(inode, blockno, self.replaces(blockno, start, n, size), tag, unmapped)
+            while True:
+                block = await self._dirty_block(inode, blockno, self.replaces(blockno, start, n, size), tag, unmapped)
+                if block.overlay is None or block.overlay.encoded_size() + patch.EXTENT_BYTES + n <= self.patch_max:
+                    break
+                await self._fill_in((inode, blockno), block)  # first: if that fails, nothing was written
             block.put(start, data[pos:pos + n])
-            if block.overlay is not None and block.overlay.encoded_size() > self.patch_max:
-                await self._fill_in((inode, blockno), block)
             pos += n
 
     def replaces(self, blockno: int, start: int, n: int, size: Optional[int]) -> bool:

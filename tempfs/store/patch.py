@@ -20,6 +20,7 @@ from ..codec import IntegrityError
 
 _CUT = struct.Struct("<I")
 _EXTENT = struct.Struct("<II")  # start, length
+EXTENT_BYTES = _EXTENT.size  # what an extent adds to a patch besides its bytes
 _NO_CUT = 0xFFFFFFFF
 
 
