@@ -9,7 +9,8 @@ config that makes every mechanism work during the run: cleanup/ entries live 20 
 cache/ holds 24 MB and evicts (eviction), processing/ refuses past its default limit. Each worker
 process, in folders of its own, loops over: small files (0-64 KB) and big files (1-4 MiB),
 fsync now and then, reads that check every byte against what it wrote (whole, or page by page
-in random order), overwrites in the middle, truncates, renames, deletes, folders made and
+in random order), overwrites in the middle, small writes scattered over a file (patches),
+truncates, renames, deletes, folders made and
 removed, listings and stats, files in cleanup/ that must be gone within a few seconds of their
 deadline (and not before), files in cache/ that may be evicted (and read back exactly if not).
 The main process asks `tempfs status
@@ -93,6 +94,7 @@ class Worker:
         self.files: dict[str, bytes] = {}          # processing/: name -> sha256 of its content
         self.cache_files: dict[str, bytes] = {}    # cache/: may be evicted
         self.timed: dict[str, float] = {}          # cleanup/: name -> when it was written
+        self.scattered: dict[str, bytearray] = {}  # processing/: name -> content, for scatter()
         self.ops: collections.Counter[str] = collections.Counter()
         self.errors: list[str] = []
         self.n = 0
@@ -180,6 +182,42 @@ class Worker:
         content[at:at + len(patch)] = patch
         self.files[name] = hashlib.sha256(content).digest()
 
+    def scatter(self) -> None:
+        """Small writes at random places of a file whose whole content the worker keeps (few such
+        files): stored as patches over blocks the daemon does not hold; now and then a cut, or a
+        check of every byte."""
+        if len(self.scattered) < 2 or self.rng.random() < 0.05:
+            if len(self.scattered) >= 3:
+                os.unlink(self.own / self.scattered.popitem()[0])
+            name = self.name("p")
+            content = bytearray(self.data(self.rng.randrange(200_000, 1_000_000)))
+            self.put(self.own / name, bytes(content), self.rng.random() < 0.5)
+            self.scattered[name] = content
+            return
+        name = self.rng.choice(list(self.scattered))
+        content, path = self.scattered[name], self.own / name
+        roll = self.rng.random()
+        if roll < 0.1:
+            size = self.rng.randrange(0, len(content) + 100_000)
+            os.truncate(path, size)
+            del content[size:]
+            content.extend(bytes(size - len(content)))
+        elif roll < 0.25:
+            if path.read_bytes() != content:
+                self.error(f"{name}: content after scattered writes differs from what was written")
+        else:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                for _ in range(self.rng.randint(1, 8)):
+                    at, piece = self.rng.randrange(len(content) + 4096), self.data(self.rng.randrange(1, 6000))
+                    os.pwrite(fd, piece, at)
+                    content.extend(bytes(max(0, at - len(content))))
+                    content[at:at + len(piece)] = piece
+                if self.rng.random() < 0.2:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def truncate(self) -> None:
         if not self.files:
             return
@@ -215,9 +253,9 @@ class Worker:
 
     def listing(self) -> None:
         names = set(os.listdir(self.own)) - {n for n in os.listdir(self.own) if n.startswith("dir")}
-        if names != set(self.files):
-            self.error(f"listing differs: extra {sorted(names - set(self.files))[:5]}, "
-                       f"missing {sorted(set(self.files) - names)[:5]}")
+        known = set(self.files) | set(self.scattered)
+        if names != known:
+            self.error(f"listing differs: extra {sorted(names - known)[:5]}, missing {sorted(known - names)[:5]}")
 
     def stat(self) -> None:
         if self.files:
@@ -274,7 +312,7 @@ class Worker:
             del self.files[name]
 
     def run(self) -> None:
-        kinds = {"write_small": 30, "write_big": 6, "read_verify": 30, "read_pieces": 6, "overwrite": 8, "truncate": 3,
+        kinds = {"write_small": 30, "write_big": 6, "read_verify": 30, "read_pieces": 6, "overwrite": 8, "scatter": 8, "truncate": 3,
                  "rename": 8, "delete": 8, "folders": 3, "listing": 4, "stat": 6, "write_cached": 4,
                  "read_cached": 6, "write_expiring": 3, "check_expiry": 2}
         names, weights = list(kinds), list(kinds.values())
@@ -450,6 +488,7 @@ def main(argv=None) -> int:
     figures += [("ops_status", soak.status_calls, "count"),
                 ("expired_seen", seen["expired_seen"], "count"), ("evicted_seen", seen["evicted_seen"], "count"),
                 ("expired_by_daemon", daemon.get("expired"), "count"), ("evicted_by_daemon", daemon.get("evicted"), "count"),
+                ("patches_stored", daemon.get("patches_stored"), "count"),
                 ("errors", len(soak.errors), "count"),
                 ("rss_start", f"{start / MiB:.1f}", "MiB"), ("rss_middle", f"{middle / MiB:.1f}", "MiB"),
                 ("rss_end", f"{end / MiB:.1f}", "MiB"), ("rss_max", f"{top / MiB:.1f}", "MiB"),

@@ -742,7 +742,7 @@ class TempFS(pyfuse3.Operations):
             "store": str(self.store.path), "key": self.key_path, "rss_bytes": _rss_bytes(),
             "dirty_bytes": blocks.dirty_bytes, "cache_hit_rate": round(blocks.hits / reads, 3) if reads else None,
             "page_cache_filled_bytes": self.page_cache.stored_bytes,
-            "page_cache_dropped_bytes": self.page_cache.dropped_bytes,
+            "page_cache_dropped_bytes": self.page_cache.dropped_bytes, "patches_stored": blocks.patches_stored,
             **per_second,
             "cleanup_runs": totals["cleanup_runs"], "cleanup_failures": totals["cleanup_failures"],
             "cleanup_success_rate": round(totals["cleanup_runs"] / runs, 4) if runs else None,

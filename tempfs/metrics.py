@@ -91,6 +91,7 @@ def take_snapshot(ops: Any) -> dict:
         "cache_hits": getattr(blocks, "hits", 0),
         "cache_misses": getattr(blocks, "misses", 0),
         "page_cache_filled_bytes": ops.page_cache.stored_bytes,
+        "patches_stored": blocks.patches_stored,
         "dirty_bytes": blocks.dirty_bytes,
         "alerts_active": len(monitor.active_alerts),
         "disk_free_bytes": max(0, space.free_bytes()),
@@ -216,6 +217,8 @@ def render(snap: dict) -> Iterator[Metric]:
     yield CounterMetricFamily("tempfs_page_cache_filled_bytes", "Bytes of blocks loaded for a small read that the "
                               "kernel was given beside it, so that the next reads stay in its page cache.",
                               value=snap["page_cache_filled_bytes"])
+    yield CounterMetricFamily("tempfs_patches_stored", "Changes to part of a stored block stored as a patch over "
+                              "it, instead of loading and storing the whole block.", value=snap["patches_stored"])
 
     histogram = HistogramMetricFamily("tempfs_operation_seconds", "Time to answer a FUSE request, per operation.",
                                       labels=["op"])

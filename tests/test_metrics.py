@@ -133,6 +133,19 @@ def test_metrics_report_real_values(make_mount):
     assert value(after, "tempfs_cleanup_runs_total", result="ok") >= value(samples, "tempfs_cleanup_runs_total",
                                                                           result="ok")
 
+    # a small write into a file the daemon has not read back is stored as a patch
+    assert value(after, "tempfs_patches_stored_total") == 0
+    patched, content = m.path("cache/images/p.bin"), os.urandom(300 * KiB)  # content no other file has
+    write_synced(patched, content)
+    with open(patched, "r+b") as f:
+        f.seek(1000)
+        f.write(b"patch")
+        f.flush()
+        os.fsync(f.fileno())
+    assert wait_until(lambda: value(scrape(port), "tempfs_patches_stored_total") == 1, timeout=5)
+    assert m.status()["daemon"]["patches_stored"] == 1
+    assert patched.read_bytes() == content[:1000] + b"patch" + content[1005:]
+
 
 def test_refused_full_and_eviction_are_counted(make_mount):
     port = free_port()
@@ -217,7 +230,7 @@ def fake_ops(hits=3):
                                 latency=latency, active_alerts={"x": {}}),
         space=SimpleNamespace(rules={"cache": None, "sessions": None}, evicted=Counter(cache=1),
                               limit=lambda area: 1000 if area == "cache" else None, free_bytes=lambda: 5000),
-        store=SimpleNamespace(blocks=SimpleNamespace(hits=hits, misses=1, dirty_bytes=7),
+        store=SimpleNamespace(blocks=SimpleNamespace(hits=hits, misses=1, dirty_bytes=7, patches_stored=6),
                               usage=lambda: {"areas": {"cache": {"files": 2, "logical_bytes": 30, "stored_bytes": 20},
                                                        "sessions": {"files": 0, "logical_bytes": 0,
                                                                     "stored_bytes": 0}},
@@ -252,6 +265,7 @@ def test_render_of_a_snapshot():
     assert value(samples, "tempfs_cache_hits_total") == 3
     assert value(samples, "tempfs_cache_misses_total") == 1
     assert value(samples, "tempfs_page_cache_filled_bytes_total") == 8192
+    assert value(samples, "tempfs_patches_stored_total") == 6
     assert value(samples, "tempfs_dirty_bytes") == 7
     assert value(samples, "tempfs_alerts_active") == 1
     assert value(samples, "tempfs_disk_free_bytes") == 5000

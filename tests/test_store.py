@@ -625,13 +625,19 @@ def count_loads(store: Store) -> list[int]:
     return loads
 
 
-@trio_test
-async def test_a_small_write_into_a_stored_block_is_stored_as_a_patch_without_reading_the_block(opener):
-    store = opener(cache_limit=0)
-    f = new_file(store, leaf(store), b"state.db")
-    data = bytearray(random.Random(1).randbytes(3 * BLOCK_SIZE))
+async def stored_file(opener, size: int, seed: int, **options) -> tuple[Store, int, bytearray]:
+    """A store that keeps nothing it reads in memory, with one file of `size` random bytes, stored."""
+    store = opener(cache_limit=0, **options)
+    f = new_file(store, leaf(store), b"f")
+    data = bytearray(random.Random(seed).randbytes(size))
     await store.write(f, 0, bytes(data))
     await store.sync()
+    return store, f, data
+
+
+@trio_test
+async def test_a_small_write_into_a_stored_block_is_stored_as_a_patch_without_reading_the_block(opener):
+    store, f, data = await stored_file(opener, 3 * BLOCK_SIZE, seed=1)
     loads = count_loads(store)
     for offset, piece in [(BLOCK_SIZE + 100, b"first"), (BLOCK_SIZE + 103, b"second"), (2 * BLOCK_SIZE - 2, b"xyz")]:
         await store.write(f, offset, piece)
@@ -653,11 +659,7 @@ async def test_a_small_write_into_a_stored_block_is_stored_as_a_patch_without_re
 
 @trio_test
 async def test_a_block_with_its_fill_of_patches_is_stored_whole_at_the_next_change(opener):
-    store = opener(cache_limit=0)
-    f = new_file(store, leaf(store), b"f")
-    data = bytearray(random.Random(2).randbytes(BLOCK_SIZE))
-    await store.write(f, 0, bytes(data))
-    await store.sync()
+    store, f, data = await stored_file(opener, BLOCK_SIZE, seed=2)
     for i in range(MAX_PATCHES + 1):
         await store.write(f, 1000 * i, b"%d" % i)
         data[1000 * i:1000 * i + 1] = b"%d" % i
@@ -669,11 +671,7 @@ async def test_a_block_with_its_fill_of_patches_is_stored_whole_at_the_next_chan
 
 @trio_test
 async def test_changes_too_large_for_a_patch_are_stored_with_the_whole_block(opener):
-    store = opener(cache_limit=0, patch_max=4 * KiB)
-    f = new_file(store, leaf(store), b"f")
-    data = bytearray(random.Random(3).randbytes(BLOCK_SIZE))
-    await store.write(f, 0, bytes(data))
-    await store.sync()
+    store, f, data = await stored_file(opener, BLOCK_SIZE, seed=3, patch_max=4 * KiB)
     loads = count_loads(store)
     for offset in range(0, 8 * KiB, 2 * KiB):  # every other KiB: no write joins another
         await store.write(f, offset, b"w" * KiB)
@@ -686,10 +684,7 @@ async def test_changes_too_large_for_a_patch_are_stored_with_the_whole_block(ope
 
 @trio_test
 async def test_a_change_too_large_for_a_patch_over_a_damaged_block_fails_and_writes_nothing(opener):
-    store = opener(cache_limit=0, patch_max=4 * KiB)
-    f = new_file(store, leaf(store), b"f")
-    await store.write(f, 0, random.Random(7).randbytes(BLOCK_SIZE))
-    await store.sync()
+    store, f, _ = await stored_file(opener, BLOCK_SIZE, seed=7, patch_max=4 * KiB)
     base = store.db.one("SELECT object FROM blocks WHERE inode=?", (f,))[0]
     blob = bytearray(sealed_of(store, base))
     blob[-1] ^= 1
@@ -706,11 +701,7 @@ async def test_a_change_too_large_for_a_patch_over_a_damaged_block_fails_and_wri
 
 @trio_test
 async def test_a_truncation_over_a_patch_and_a_block_written_whole_over_patches(opener):
-    store = opener(cache_limit=0)
-    f = new_file(store, leaf(store), b"f")
-    data = bytearray(random.Random(4).randbytes(2 * BLOCK_SIZE))
-    await store.write(f, 0, bytes(data))
-    await store.sync()
+    store, f, data = await stored_file(opener, 2 * BLOCK_SIZE, seed=4)
     await store.write(f, BLOCK_SIZE + 10, b"patched")
     await store.truncate(f, BLOCK_SIZE + 12)  # cuts the patch and the block under it
     await store.truncate(f, 2 * BLOCK_SIZE)
@@ -728,10 +719,7 @@ async def test_a_truncation_over_a_patch_and_a_block_written_whole_over_patches(
 
 @trio_test
 async def test_patches_swapped_in_the_block_map_fail_authentication(opener):
-    store = opener(cache_limit=0)
-    f = new_file(store, leaf(store), b"f")
-    await store.write(f, 0, random.Random(6).randbytes(BLOCK_SIZE))
-    await store.sync()
+    store, f, _ = await stored_file(opener, BLOCK_SIZE, seed=6)
     for piece in (b"one", b"two"):
         await store.write(f, 10, piece)
         await store.sync()

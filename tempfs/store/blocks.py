@@ -119,6 +119,7 @@ class BlockStore:
         self._packs_scanned = False  # compact_candidates has looked at every pack once
         self.doomed: set[int] = set()     # object files (schema < 6) whose row is gone, removed after the commit
         self.hits = self.misses = 0       # block reads answered from memory / from the store
+        self.patches_stored = 0           # changes stored as patches (instead of whole blocks)
         self._loading: dict[int, trio.Event] = {}  # object id -> set when its load ahead ends
         self._reading_ahead = False                  # run_read_ahead is running
         self._in_order: dict[int, tuple[int, int]] = {}  # inode -> (next block asked, first not yet asked ahead)
@@ -645,6 +646,7 @@ class BlockStore:
         tag = self.codec.block_tag(*key, object_id, layer)
         self.db.execute("INSERT INTO blocks(inode, blockno, layer, object, tag) VALUES (?, ?, ?, ?, ?)",
                         (*key, layer, object_id, tag))
+        self.patches_stored += 1
         return under + ((layer, object_id, tag),)
 
     def _decref(self, object_id: int) -> None:
