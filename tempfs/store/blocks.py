@@ -550,42 +550,49 @@ class BlockStore:
         what is new), then one synchronous metadata update."""
         digests = await trio.to_thread.run_sync(self._digests, claimed)
         new: dict[bytes, tuple[int, bytes, Optional[str]]] = {}
+        makers: dict[bytes, _Claim] = {}  # digest -> the claim a new object is made for
         for claim, digest in zip(claimed, digests):
             claim.digest = digest
             # a patch is seldom stored twice: not worth a lookup (a second copy is not kept)
             if digest is not None and digest not in new and (claim.patch or self._object_of(digest) is None):
                 new[digest] = (secrets.randbits(63), claim.plain, claim.block.tag)
+                makers[digest] = claim
         items = [(object_id, plain, digest, tag) for digest, (object_id, plain, tag) in new.items()]
         written = await trio.to_thread.run_sync(self._seal_and_write_many, items)
         added: dict[bytes, int] = {}  # digest -> the object this batch stored for it
         try:
             # what a row does not take (a concurrent batch stored the same content first, or the
-            # database refuses) stays as dead bytes in its pack, for the compactor
+            # database refuses) stays as dead bytes in its pack, for the compactor. A row starts
+            # with the reference of the block it was made for (one statement less per object)
             for digest, (object_id, plain, _), (stored_size, wrapped_key, inline, pack, offset) in zip(
                     new, new.values(), written):
                 if self.db.execute(
                         "INSERT INTO objects(id, digest, refcount, plain_size, stored_size, wrapped_key, data, pack, "
-                        "offset) VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        "offset) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                         (object_id, digest, len(plain), stored_size, wrapped_key, inline, pack, offset)).rowcount:
                     added[digest] = object_id
         finally:
             self.packs.settle(w[3] for w in written if w[3] is not None)
-        referenced = {self._settle(claim, added) for claim in claimed}
-        for object_id in added.values():
-            if object_id not in referenced:  # every block it was made for changed meanwhile
-                self._drop_if_unreferenced(object_id)
+        unclaimed = []  # objects whose maker's block changed meanwhile: the reference they started with goes
+        for claim in claimed:
+            made = claim.digest in added and makers[claim.digest] is claim
+            if not self._settle(claim, added, made) and made:
+                unclaimed.append(added[claim.digest])
+        for object_id in unclaimed:  # after the others of the batch that share it took theirs
+            self._decref(object_id)
 
-    def _settle(self, claim: "_Claim", added: dict[bytes, int]) -> Optional[int]:
-        """Points the block map at what was stored, if the block is still live; returns the
-        object it now references."""
+    def _settle(self, claim: "_Claim", added: dict[bytes, int], made: bool) -> bool:
+        """Points the block map at what was stored, if the block is still live (else False);
+        `made`: the object was made for it, and already counts its reference."""
         if self.dirty.get(claim.key) is not claim.block:  # truncated or deleted meanwhile
-            return None
+            return False
         object_id = None
         if claim.digest is not None:
             object_id = added.get(claim.digest) or self._object_of(claim.digest)
             if object_id is None:
-                return None  # the object it matched lost its last reference meanwhile: flush again later
-            self.db.execute("UPDATE objects SET refcount=refcount+1 WHERE id=?", (object_id,))
+                return False  # the object it matched lost its last reference meanwhile: flush again later
+            if not made:
+                self.db.execute("UPDATE objects SET refcount=refcount+1 WHERE id=?", (object_id,))
         block = claim.block
         if claim.patch:
             block.stored = self._add_patch(claim.key, object_id, block.stored)
@@ -594,7 +601,7 @@ class BlockStore:
         if claim.block.version == claim.version:
             # not kept in the clean cache: the kernel's page cache already holds what was written
             self._discard_dirty(claim.key)
-        return object_id
+        return True
 
     def _digests(self, claimed: list["_Claim"]) -> list[Optional[bytes]]:
         """The dedup digest of each block or patch, None for an all-zero block (a hole)."""
