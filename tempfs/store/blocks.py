@@ -11,6 +11,10 @@ Guarantees:
   metadata row instead of a pack, so it is stored, made durable and removed with the commit
   that references it.
 - Dirty data is bounded by `dirty_limit`: a writer that would pass it waits for the flusher.
+- A change to part of a stored block that is not cached is stored as a patch laid over it
+  (patch.py), at most MAX_PATCHES per block and `patch_max` bytes each; past either, the block
+  is loaded and stored whole, which drops its patches. A reader gets the block with its
+  patches applied in order.
 - Sealing, hashing and disk I/O run in worker threads; the trio thread only touches SQLite.
 - A file read in order has its next blocks loaded ahead, several at once, into the clean LRU
   (objects are immutable, so a block loaded ahead is never stale; a read that fails because the
