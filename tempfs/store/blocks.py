@@ -296,7 +296,7 @@ class BlockStore:
         if not self._loading:  # the common case: nothing is being loaded ahead
             return
         for blockno in blocknos:
-            for _, object_id, _ in self._mapped(inode, blockno):
+            for _, object_id, _ in self._mapped(inode, blockno, verify=False):  # the reader verifies next
                 loading = self._loading.get(object_id)
                 if loading is not None:
                     await loading.wait()

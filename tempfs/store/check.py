@@ -188,7 +188,7 @@ class _Checker:
     def _users(self, object_id: int) -> str:
         """The files (and their blocks) that use an object, for a damage line."""
         by_inode: dict[int, list[int]] = defaultdict(list)
-        for ino, blockno in self.db.execute("SELECT inode, blockno FROM blocks WHERE object=? "
+        for ino, blockno in self.db.execute("SELECT DISTINCT inode, blockno FROM blocks WHERE object=? "  # one per layer
                                             "ORDER BY inode, blockno LIMIT 1000", (object_id,)):
             by_inode[ino].append(blockno)
         if not by_inode:
