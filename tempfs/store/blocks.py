@@ -468,8 +468,8 @@ class BlockStore:
         if self.dirty_by_inode[inode]:
             for key in [k for k in self.dirty if k[0] == inode and k[1] >= first]:
                 self._discard_dirty(key)
-        rows = self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno>=? RETURNING object",
-                               (inode, first)).fetchall()
+        rows = self.db.change("DELETE FROM blocks WHERE inode=? AND blockno>=? RETURNING object", (inode, first),
+                              (inode,))
         for (object_id,) in rows:
             self._decref(object_id)
 
@@ -570,10 +570,10 @@ class BlockStore:
             # with the reference of the block it was made for (one statement less per object)
             for digest, (object_id, plain, _), (stored_size, wrapped_key, inline, pack, offset) in zip(
                     new, new.values(), written):
-                if self.db.execute(
+                if self.db.change(
                         "INSERT INTO objects(id, digest, refcount, plain_size, stored_size, wrapped_key, data, pack, "
-                        "offset) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                        (object_id, digest, len(plain), stored_size, wrapped_key, inline, pack, offset)).rowcount:
+                        "offset) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1",
+                        (object_id, digest, len(plain), stored_size, wrapped_key, inline, pack, offset)):
                     added[digest] = object_id
         finally:
             self.packs.settle(w[3] for w in written if w[3] is not None)
@@ -596,7 +596,7 @@ class BlockStore:
             if object_id is None:
                 return False  # the object it matched lost its last reference meanwhile: flush again later
             if not made:
-                self.db.execute("UPDATE objects SET refcount=refcount+1 WHERE id=?", (object_id,))
+                self.db.change("UPDATE objects SET refcount=refcount+1 WHERE id=?", (object_id,))
         block = claim.block
         if claim.patch:
             block.stored = self._add_patch(claim.key, object_id, block.stored)
@@ -639,13 +639,14 @@ class BlockStore:
         if old is None:
             old = self._mapped(*key, verify=False)
         if object_id is None or any(row[0] > 0 for row in old):
-            self.db.execute("DELETE FROM blocks WHERE inode=? AND blockno=?" + (" AND layer>0" if object_id else ""), key)
+            self.db.change("DELETE FROM blocks WHERE inode=? AND blockno=?" + (" AND layer>0" if object_id else ""), key,
+                           key[:1])
         if object_id is not None:
             # an upsert, not INSERT OR REPLACE: REPLACE deletes without firing the accounting triggers
             tag = self.codec.block_tag(*key, object_id)
-            self.db.execute("INSERT INTO blocks(inode, blockno, layer, object, tag) VALUES (?, ?, 0, ?, ?) "
-                            "ON CONFLICT (inode, blockno, layer) DO UPDATE SET object=excluded.object, tag=excluded.tag",
-                            (*key, object_id, tag))
+            self.db.change("INSERT INTO blocks(inode, blockno, layer, object, tag) VALUES (?, ?, 0, ?, ?) "
+                           "ON CONFLICT (inode, blockno, layer) DO UPDATE SET object=excluded.object, tag=excluded.tag",
+                           (*key, object_id, tag), key[:1])
         for _, old_object, _ in old:
             self._decref(old_object)
         return () if object_id is None else ((0, object_id, tag),)
@@ -655,14 +656,14 @@ class BlockStore:
         whose rows are `under`; returns its rows now."""
         layer = under[-1][0] + 1 if under else 1
         tag = self.codec.block_tag(*key, object_id, layer)
-        self.db.execute("INSERT INTO blocks(inode, blockno, layer, object, tag) VALUES (?, ?, ?, ?, ?)",
-                        (*key, layer, object_id, tag))
+        self.db.change("INSERT INTO blocks(inode, blockno, layer, object, tag) VALUES (?, ?, ?, ?, ?)",
+                       (*key, layer, object_id, tag), key[:1])
         self.patches_stored += 1
         return under + ((layer, object_id, tag),)
 
     def _decref(self, object_id: int) -> None:
-        self._drop_if(object_id, self.db.one(f"UPDATE objects SET refcount=refcount-1 WHERE id=? "
-                                             f"RETURNING {_STORAGE}", (object_id,)))
+        rows = self.db.change(f"UPDATE objects SET refcount=refcount-1 WHERE id=? RETURNING {_STORAGE}", (object_id,))
+        self._drop_if(object_id, rows[0] if rows else None)
 
     def _drop_if_unreferenced(self, object_id: int) -> None:
         self._drop_if(object_id, self.db.one(f"SELECT {_STORAGE} FROM objects WHERE id=?", (object_id,)))
@@ -672,7 +673,7 @@ class BlockStore:
         if row is None or row[0] > 0:
             return
         _, inline, pack, stored_size = row
-        self.db.execute("DELETE FROM objects WHERE id=?", (object_id,))
+        self.db.change("DELETE FROM objects WHERE id=?", (object_id,))
         self.db.shred_after_commit()
         self._forget_object(object_id)
         if pack is not None:

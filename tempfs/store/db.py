@@ -12,12 +12,14 @@ import logging
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Hashable, Iterable, Optional
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 7
 MEMO_ENTRIES = 4096  # rows one_cached() keeps between changes
+KEPT_ROWS = 1 << 16  # rows keep() holds across the changes that do not name them
+MISSING = object()   # kept() of a key nothing is kept under
 
 # An entry's deadline: its last change inside tempfs (ctime, which programs cannot set back)
 # plus its policy's max_age, or earlier if a program shortened it (user.tempfs.ttl).
@@ -180,6 +182,8 @@ class Database:
         self._after_commit: list[Callable[[], None]] = []
         self._memo: dict[tuple[str, tuple], Optional[tuple]] = {}
         self._memo_at: Optional[int] = None  # total_changes when the memo was last valid
+        self._kept: dict[Hashable, Optional[tuple]] = {}
+        self._kept_at: Optional[int] = None  # total_changes when the kept rows were last valid
         self._shred = False
         self._checkpoint_blocked = False
 
@@ -288,6 +292,41 @@ class Database:
     def one(self, sql: str, args: Iterable[Any] = ()) -> Optional[tuple]:
         return self.execute(sql, args).fetchone()
 
+    def change(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable] = ()) -> list[tuple]:
+        """Runs a statement that may change, with its triggers, the rows kept under `keys` and
+        no other kept row (execute() drops them all); returns the rows it RETURNs."""
+        before = self.conn.total_changes
+        rows = self.execute(sql, args).fetchall()  # total_changes moves when the statement ends
+        if before == self._kept_at:
+            self._kept_at = self.conn.total_changes
+            for key in keys:
+                self._kept.pop(key, None)
+        return rows
+
+    def kept(self, key: Hashable) -> Any:
+        """The row kept under `key` (None for a row known not to exist), or MISSING.
+
+        Kept rows outlive changes, unlike the memo of one_cached(): they go only with a
+        statement that names their key in `changes`, or one that names none."""
+        if self.conn.total_changes != self._kept_at:
+            self._kept.clear()
+            self._kept_at = self.conn.total_changes
+        return self._kept.get(key, MISSING)
+
+    def keep(self, key: Hashable, row: Optional[tuple]) -> None:
+        """Keeps what the database holds now under `key` (read, or returned by a change)."""
+        if self.kept(key) is MISSING and len(self._kept) >= KEPT_ROWS:
+            self._kept.clear()
+        self._kept[key] = row
+
+    def keyed_one(self, key: Hashable, sql: str, args: tuple) -> Optional[tuple]:
+        """one(sql, args), kept under `key`."""
+        row = self.kept(key)
+        if row is MISSING:
+            row = self.one(sql, args)
+            self.keep(key, row)
+        return row
+
     def one_cached(self, sql: str, args: tuple) -> Optional[tuple]:
         """one(), answered from memory while nothing has changed the database since it was read.
         Every INSERT, UPDATE and DELETE of this connection, its triggers' too, moves
@@ -326,7 +365,7 @@ class Database:
         self._memo[key] = row
 
     def forget_reads(self) -> None:
-        self._memo_at = None
+        self._memo_at = self._kept_at = None
 
     def rollback_to(self, savepoint: str) -> None:
         self.forget_reads()

@@ -30,7 +30,7 @@ from ..codec import ContentCodec, IntegrityError
 from ..layout import Kind
 from ..names import MetadataCipher
 from .blocks import COMPACT_DEAD, COMPACT_IDLE, INLINE_MAX, BlockStore
-from .db import Database
+from .db import MISSING, Database
 from .objects import ObjectFiles
 from .packs import PackFiles
 
@@ -279,8 +279,10 @@ class Store:
                     log.error("cannot commit metadata (%s); retrying", e)
 
     # ---- inodes and names ----------------------------------------------------------------
+    # Inode rows are kept (Database.keep) under their number, entries under (folder, stored
+    # name): every statement below that changes one names the keys it changes.
     def inode(self, ino: int) -> Inode:
-        row = self.db.one_cached(_INODE_QUERY, (ino,))
+        row = self.db.keyed_one(ino, _INODE_QUERY, (ino,))
         if row is None:
             raise StoreError(errno.ENOENT)
         return self._inode_of(row)
@@ -295,14 +297,22 @@ class Store:
         return node
 
     def lookup(self, parent: int, name: bytes) -> Optional[int]:
-        row = self.db.one_cached("SELECT inode FROM entries WHERE parent=? AND name=?",
-                                 (parent, self.names.name(parent, name)))
-        return None if row is None else row[0]
+        key = (parent, self.names.name(parent, name))
+        entry = self.db.keyed_one(key, "SELECT inode FROM entries WHERE parent=? AND name=?", key)
+        return None if entry is None else entry[0]
 
     def named(self, parent: int, name: bytes) -> Optional[Inode]:
         """The inode the entry `name` of folder `parent` refers to (lookup and inode in one query)."""
-        row = self.db.one_cached(_NAMED_QUERY, (parent, self.names.name(parent, name)))
-        return None if row is None else self._inode_of(row)
+        key = (parent, self.names.name(parent, name))
+        entry = self.db.kept(key)
+        if entry is not MISSING:
+            return None if entry is None else self.inode(entry[0])
+        row = self.db.one(_NAMED_QUERY, key)
+        self.db.keep(key, None if row is None else (row[0],))
+        if row is None:
+            return None
+        self.db.keep(row[0], row)
+        return self._inode_of(row)
 
     def children(self, parent: int, after: int = 0, limit: int = 1000) -> list[tuple[int, bytes, int]]:
         """(entry id, name, inode) of a folder's entries past readdir offset `after`."""
@@ -345,15 +355,18 @@ class Store:
         is_dir = stat.S_ISDIR(mode)
         area = folder.area if folder.area is not None else name.decode(errors="surrogateescape")
         size = len(target) if target is not None else 0
-        row = self.db.one(
+        (row,) = self.db.change(
             "INSERT INTO inodes(mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, "
             f"policy, life_ns, used_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_INODE_COLUMNS}",
             (mode, uid, gid, size, 2 if is_dir else 1, rdev, now, now, now, kind, area,
              folder.policy, self.lifetimes.get(folder.policy), now))
         node = Inode(*row)
         if target is not None:  # sealed to its inode, whose number exists only now
-            self.db.execute("UPDATE inodes SET target=? WHERE id=?", (self.names.target(node.id, target), node.id))
+            self.db.change("UPDATE inodes SET target=? WHERE id=?", (self.names.target(node.id, target), node.id),
+                           (node.id,))
             node.target = target
+        else:
+            self.db.keep(node.id, row)
         self._add_entry(parent, name, node.id, now, dir_delta=int(is_dir))
         return node
 
@@ -367,7 +380,7 @@ class Store:
         if self.lookup(parent, name) is not None:
             raise StoreError(errno.EEXIST)
         now = self.clock()
-        self.db.execute("UPDATE inodes SET nlink=nlink+1, ctime_ns=? WHERE id=?", (now, ino))
+        self.db.change("UPDATE inodes SET nlink=nlink+1, ctime_ns=? WHERE id=?", (now, ino), (ino,))
         self._add_entry(parent, name, ino, now, dir_delta=0)
         return self.inode(ino)
 
@@ -455,8 +468,9 @@ class Store:
         return folder
 
     def _add_entry(self, parent: int, name: bytes, ino: int, now: int, dir_delta: int) -> None:
-        self.db.execute("INSERT INTO entries(parent, name, inode) VALUES (?, ?, ?)",
-                        (parent, self.names.name(parent, name), ino))
+        key = (parent, self.names.name(parent, name))
+        self.db.change("INSERT INTO entries(parent, name, inode) VALUES (?, ?, ?)", (*key, ino), (key,))
+        self.db.keep(key, (ino,))
         self._touch_folder(parent, now, dir_delta)
 
     def expire(self, ino: int) -> list[tuple[int, bytes]]:
@@ -487,7 +501,7 @@ class Store:
         the kernel forgets the inode."""
         if node.stored_bytes or self.blocks.dirty_by_inode[node.id]:
             self.blocks.drop_after(node.id, 0)
-            self.db.execute("UPDATE inodes SET size=0 WHERE id=?", (node.id,))
+            self.db.change("UPDATE inodes SET size=0 WHERE id=?", (node.id,), (node.id,))
 
     def due(self, now: int, limit: int) -> list[int]:
         """Entries whose deadline has passed, earliest first (an index range: the cost grows with
@@ -503,11 +517,12 @@ class Store:
         """Shortens an entry's life to `seconds` from now (never past its policy's max_age);
         None gives it back its policy's life."""
         deadline = None if seconds is None else self.clock() + int(seconds * 1e9)
-        self.db.execute("UPDATE inodes SET ttl_deadline_ns=? WHERE id=?", (deadline, ino))
+        self.db.change("UPDATE inodes SET ttl_deadline_ns=? WHERE id=?", (deadline, ino), (ino,))
 
     def touch_used(self, ino: int) -> None:
         """Marks a file as used now (opened or closed): eviction takes the least recently used."""
-        self.db.execute("UPDATE inodes SET used_ns=? WHERE id=?", (self.clock(), ino))
+        # used_ns is no column of a kept row
+        self.db.change("UPDATE inodes SET used_ns=? WHERE id=?", (self.clock(), ino))
 
     def least_recently_used(self, area: str, limit: int, skip: int = 0) -> list[int]:
         """Files of `area` that hold stored content, least recently used first."""
@@ -526,23 +541,30 @@ class Store:
 
     def _remove_entry(self, parent: int, name: bytes, node: Inode, now: int) -> Inode:
         """Removes one name of `node`; returns the node with its new link count."""
-        self.db.execute("DELETE FROM entries WHERE parent=? AND name=?", (parent, self.names.name(parent, name)))
+        key = (parent, self.names.name(parent, name))
+        self.db.change("DELETE FROM entries WHERE parent=? AND name=?", key, (key,))
         nlink = 0 if node.is_dir else node.nlink - 1
-        self.db.execute("UPDATE inodes SET nlink=?, ctime_ns=? WHERE id=?", (nlink, now, node.id))
+        self.db.change("UPDATE inodes SET nlink=?, ctime_ns=? WHERE id=?", (nlink, now, node.id), (node.id,))
         if nlink == 0:
             self.unlinked.add(node.id)
         self._touch_folder(parent, now, -int(node.is_dir))
         return replace(node, nlink=nlink, ctime_ns=now)
 
     def _touch_folder(self, ino: int, now: int, nlink_delta: int) -> None:
-        self.db.execute("UPDATE inodes SET nlink=nlink+?, mtime_ns=?, ctime_ns=? WHERE id=?",
-                        (nlink_delta, now, now, ino))
+        self._update_kept(ino, "nlink=nlink+?, mtime_ns=?, ctime_ns=?", (nlink_delta, now, now))
+
+    def _update_kept(self, ino: int, assignments: str, args: tuple) -> None:
+        """Changes an inode's columns and keeps the row it has now (no read when it is next asked for)."""
+        rows = self.db.change(f"UPDATE inodes SET {assignments} WHERE id=? RETURNING {_INODE_COLUMNS}",
+                              (*args, ino), (ino,))
+        if rows:
+            self.db.keep(ino, rows[0])
 
     def remove_inode(self, ino: int) -> None:
         """Destroys an inode that has no name left and no user: its content, xattrs and row."""
         self.blocks.drop_after(ino, 0)
-        self.db.execute("DELETE FROM xattrs WHERE inode=?", (ino,))
-        self.db.execute("DELETE FROM inodes WHERE id=?", (ino,))
+        self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
+        self.db.change("DELETE FROM inodes WHERE id=?", (ino,), (ino,))
         self.unlinked.discard(ino)
 
     def _purge_unlinked(self) -> None:
@@ -558,7 +580,7 @@ class Store:
             raise ValueError(f"cannot set {unknown}")
         fields.setdefault("ctime_ns", self.clock())
         assignments = ", ".join(f"{name}=?" for name in fields)
-        self.db.execute(f"UPDATE inodes SET {assignments} WHERE id=?", (*fields.values(), ino))
+        self.db.change(f"UPDATE inodes SET {assignments} WHERE id=?", (*fields.values(), ino), (ino,))
 
     def get_xattr(self, ino: int, name: bytes) -> Optional[bytes]:
         stored = self.names.xattr_name(ino, name)
@@ -572,13 +594,13 @@ class Store:
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
         stored = self.names.xattr_name(ino, name)
-        self.db.execute("INSERT OR REPLACE INTO xattrs(inode, name, value) VALUES (?, ?, ?)",
-                        (ino, stored, self.names.xattr_value(ino, stored, value)))
+        self.db.change("INSERT OR REPLACE INTO xattrs(inode, name, value) VALUES (?, ?, ?)",
+                       (ino, stored, self.names.xattr_value(ino, stored, value)))
         self.set_attrs(ino)
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
-        removed = self.db.execute("DELETE FROM xattrs WHERE inode=? AND name=?",
-                                  (ino, self.names.xattr_name(ino, name))).rowcount > 0
+        removed = bool(self.db.change("DELETE FROM xattrs WHERE inode=? AND name=? RETURNING 1",
+                                      (ino, self.names.xattr_name(ino, name))))
         if removed:
             self.set_attrs(ino)
         return removed
@@ -604,8 +626,7 @@ class Store:
             await self.blocks.cut_tail(ino, node.size, node.area)
         await self.blocks.write(ino, offset, data, node.area, size=node.size)
         now = self.clock()
-        self.db.execute("UPDATE inodes SET size=max(size, ?), mtime_ns=?, ctime_ns=? WHERE id=?",
-                        (offset + len(data), now, now, ino))
+        self._update_kept(ino, "size=max(size, ?), mtime_ns=?, ctime_ns=?", (offset + len(data), now, now))
 
     async def truncate(self, ino: int, size: int) -> None:
         if size > MAX_FILE_SIZE:
@@ -614,7 +635,7 @@ class Store:
         await self.blocks.cut_tail(ino, min(size, node.size), node.area)
         self.blocks.drop_after(ino, size)
         now = self.clock()
-        self.db.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?", (size, now, now, ino))
+        self._update_kept(ino, "size=?, mtime_ns=?, ctime_ns=?", (size, now, now))
 
     async def fsync(self, ino: int) -> None:
         await self.blocks.flush_inode(ino)

@@ -1,0 +1,153 @@
+"""The rows the metadata database keeps in memory across changes (Database.keep): inodes and
+names answered without a query must always be what the database holds.
+
+A random sequence of store operations runs over a small tree; after each, every inode and name
+the store answers for is compared with a fresh read of the database.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tempfs.codec import MASTER_KEY_BYTES, ContentCodec
+from tempfs.layout import Kind
+from tempfs.store import Store, StoreError
+from tempfs.store.db import MISSING, Database
+from tempfs.store.store import _INODE_QUERY, Inode
+
+UID, GID = os.getuid(), os.getgid()
+NAMES = [b"a", b"b", b"c"]
+
+
+def test_a_kept_row_stays_until_a_change_names_it_or_names_nothing(tmp_path):
+    db = Database(tmp_path / "db")
+    db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)")
+    db.execute("INSERT INTO t VALUES (1, 'one'), (2, 'two')")
+    assert db.keyed_one(1, "SELECT v FROM t WHERE k=?", (1,)) == ("one",)
+    db.keep(2, ("two",))
+    db.change("UPDATE t SET v='uno' WHERE k=1", (), keys=(1,))
+    assert db.kept(1) is MISSING
+    assert db.kept(2) == ("two",)  # a change that names other keys leaves it
+    assert db.keyed_one(1, "SELECT v FROM t WHERE k=?", (1,)) == ("uno",)
+    db.execute("UPDATE t SET v='deux' WHERE k=2")  # names nothing: every kept row goes
+    assert db.kept(1) is MISSING and db.kept(2) is MISSING
+    db.keep(1, ("uno",))
+    db.execute("SAVEPOINT s")
+    db.change("UPDATE t SET v='x' WHERE k=2", (), keys=(2,))
+    db.rollback_to("s")  # moves no change counter: a rollback forgets what was kept
+    assert db.kept(1) is MISSING
+    db.keep(3, None)  # known not to exist
+    assert db.kept(3) is None
+    db.close()
+
+
+class Tree:
+    """A store with one leaf folder, driven by step tuples; knows which names it made."""
+
+    def __init__(self, path: Path) -> None:
+        self.now = 1_700_000_000_000_000_000
+        self.store = Store(path, ContentCodec(os.urandom(MASTER_KEY_BYTES)), dirty_limit=1 << 24,
+                           cache_limit=1 << 24, clock=lambda: self.now)
+        for i, part in enumerate(["cache", "cache/data"]):
+            self.store.ensure_folder(part, Kind.LEAF if i else Kind.BRANCH, 0o755, UID, GID)
+        self.leaf = self.store.lookup(self.store.lookup(1, b"cache"), b"data")
+        self.folders = [self.leaf]
+        self.seen: set[int] = {1, self.leaf}
+
+    def step(self, op: str, a: int, b: int, n: int) -> None:
+        self.now += 1_000_000
+        store, leaf = self.store, self.folders[a // len(NAMES) % len(self.folders)]
+        name, other = NAMES[a % len(NAMES)], NAMES[b % len(NAMES)]
+        ino = store.lookup(leaf, name)
+        try:
+            if op == "file":
+                self.seen.add(store.make(leaf, name, stat.S_IFREG | 0o644, UID, GID).id)
+            elif op == "dir":
+                node = store.make(leaf, name, stat.S_IFDIR | 0o755, UID, GID)
+                self.seen.add(node.id)
+                self.folders.append(node.id)
+            elif op == "symlink":
+                self.seen.add(store.make(leaf, name, stat.S_IFLNK | 0o777, UID, GID, target=b"../x" * n).id)
+            elif op == "link" and ino is not None:
+                store.link(ino, leaf, other)
+            elif op == "unlink":
+                store.unlink(leaf, name, want_dir=False)
+            elif op == "rmdir":
+                store.unlink(leaf, name, want_dir=True)
+            elif op == "rename":
+                store.rename(leaf, name, self.folders[b % len(self.folders)], other, exchange=n % 3 == 0)
+            elif op == "write" and ino is not None:
+                trio.run(store.write, ino, n * 1000, bytes([n]) * (n * 700 + 1))
+            elif op == "zeros" and ino is not None:  # its blocks become holes
+                trio.run(store.write, ino, 0, bytes(store.inode(ino).size))
+            elif op == "truncate" and ino is not None:
+                trio.run(store.truncate, ino, n * 5000)
+            elif op == "sync":
+                trio.run(store.sync)
+            elif op == "attrs" and ino is not None:
+                store.set_attrs(ino, mode=stat.S_IFMT(store.inode(ino).mode) | 0o600 + n)
+            elif op == "ttl" and ino is not None:
+                store.set_ttl(ino, n or None)
+            elif op == "xattr" and ino is not None:
+                store.set_xattr(ino, b"user.k", b"v" * n) if n else store.remove_xattr(ino, b"user.k")
+            elif op == "expire" and ino is not None:
+                store.expire(ino)
+            elif op == "remove" and ino is not None and store.inode(ino).nlink == 0:
+                store.remove_inode(ino)
+            elif op == "rollback":
+                store.db.execute("SAVEPOINT s")
+                store.set_attrs(store.lookup(leaf, name) or leaf, uid=n)
+                store.db.rollback_to("s")
+                store.db.execute("RELEASE s")
+        except StoreError as e:
+            assert e.errno in (errno.EEXIST, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENOTEMPTY,
+                               errno.EPERM, errno.EXDEV, errno.EINVAL), e
+
+    def check(self) -> None:
+        """What the store answers equals a fresh read, for every inode and name it ever made."""
+        store = self.store
+        for ino in sorted(self.seen):
+            fresh = store.db.one(_INODE_QUERY, (ino,))
+            try:
+                answered = store.inode(ino)
+            except StoreError:
+                answered = None
+            if fresh is None:
+                assert answered is None, ino
+            else:
+                assert answered == store._inode_of(fresh), ino
+                assert isinstance(answered, Inode)
+        for folder in self.folders:
+            for name in NAMES:
+                row = store.db.one("SELECT inode FROM entries WHERE parent=? AND name=?",
+                                   (folder, store.names.name(folder, name)))
+                assert store.lookup(folder, name) == (row[0] if row else None), (folder, name)
+                named = store.named(folder, name)
+                assert (named.id if named else None) == (row[0] if row else None)
+
+
+# files and their content more often than the rest
+OPS = ["file", "file", "dir", "symlink", "link", "unlink", "rmdir", "rename", "write", "write", "write",
+       "zeros", "truncate", "sync", "sync", "attrs", "ttl", "xattr", "expire", "remove", "rollback"]
+STEPS = st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 7), st.integers(0, 7), st.integers(0, 4)),
+                 min_size=10, max_size=50)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=STEPS)
+def test_every_answer_from_kept_rows_is_what_the_database_holds(steps):
+    with tempfile.TemporaryDirectory() as where:
+        tree = Tree(Path(where) / "store")
+        try:
+            for step in steps:
+                tree.step(*step)
+                tree.check()
+        finally:
+            tree.store.close()
