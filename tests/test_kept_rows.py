@@ -2,7 +2,8 @@
 names answered without a query must always be what the database holds.
 
 A random sequence of store operations runs over a small tree; after each, every inode and name
-the store answers for is compared with a fresh read of the database.
+the store answers for is compared with a fresh read of the database. Use times, written behind
+(Store.touch_used), must still order eviction and survive a reopen.
 """
 from __future__ import annotations
 
@@ -151,3 +152,34 @@ def test_every_answer_from_kept_rows_is_what_the_database_holds(steps):
                 tree.check()
         finally:
             tree.store.close()
+
+
+def test_use_times_are_written_together_and_order_eviction_before_and_after_a_reopen(tmp_path):
+    key = os.urandom(MASTER_KEY_BYTES)
+    now = [1_700_000_000_000_000_000]
+
+    def opened() -> tuple[Store, int]:
+        store = Store(tmp_path / "store", ContentCodec(key), dirty_limit=1 << 24, cache_limit=1 << 24,
+                      clock=lambda: now[0])
+        store.ensure_folder("cache", Kind.BRANCH, 0o755, UID, GID)
+        return store, store.ensure_folder("cache/data", Kind.LEAF, 0o755, UID, GID)
+
+    store, leaf = opened()
+    files = [store.make(leaf, name, stat.S_IFREG | 0o644, UID, GID).id for name in NAMES]
+    for ino in files:
+        trio.run(store.write, ino, 0, b"x" * 100)
+    trio.run(store.sync)
+    statements: list[str] = []
+    store.db.conn.set_trace_callback(statements.append)
+    for ino in reversed(files):  # used last first
+        now[0] += 1_000_000
+        store.touch_used(ino)
+    assert not any("SET used_ns" in sql for sql in statements)  # nothing written yet
+    assert store.least_recently_used("cache", 10) == list(reversed(files))
+    assert sum("SET used_ns" in sql for sql in statements) == len(files)  # one statement, run per file
+    now[0] += 1_000_000
+    store.touch_used(files[-1])
+    store.close()  # writes what is pending
+    store, _ = opened()
+    assert store.least_recently_used("cache", 10) == [files[1], files[0], files[2]]
+    store.close()

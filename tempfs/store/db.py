@@ -297,11 +297,24 @@ class Database:
         no other kept row (execute() drops them all); returns the rows it RETURNs."""
         before = self.conn.total_changes
         rows = self.execute(sql, args).fetchall()  # total_changes moves when the statement ends
+        self._changed(before, keys)
+        return rows
+
+    def change_many(self, sql: str, args: Iterable[tuple], keys: Iterable[Hashable] = ()) -> None:
+        """change() of one statement over each tuple of `args`."""
+        before = self.conn.total_changes
+        try:
+            self.conn.executemany(sql, args)
+        except sqlite3.Error:
+            self.forget_reads()
+            raise
+        self._changed(before, keys)
+
+    def _changed(self, before: int, keys: Iterable[Hashable]) -> None:
         if before == self._kept_at:
             self._kept_at = self.conn.total_changes
             for key in keys:
                 self._kept.pop(key, None)
-        return rows
 
     def kept(self, key: Hashable) -> Any:
         """The row kept under `key` (None for a row known not to exist), or MISSING.

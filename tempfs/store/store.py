@@ -133,6 +133,7 @@ class Store:
         # inodes whose last name went since the store opened: only these can need freeing when
         # the kernel forgets them or they are closed (a superset: a later link() leaves it here)
         self.unlinked: set[int] = set()
+        self._used: dict[int, int] = {}  # touch_used() times not written yet
         self.packs = PackFiles(path / "packs")
         self.blocks = BlockStore(self.db, self.objects, self.packs, codec, BLOCK_SIZE, dirty_limit, cache_limit,
                                  inline_max, patch_max)
@@ -206,6 +207,7 @@ class Store:
     def close(self) -> None:
         self.packs.close()
         self.packs.sync()
+        self._write_used()
         self.db.close()
         if not self.needs_recovery:
             (self.path / UNCLEAN_MARK).unlink(missing_ok=True)
@@ -224,6 +226,7 @@ class Store:
         keys) survives in it."""
         if shred:
             self.db.shred_after_commit()
+        self._write_used()
         if durable:
             await trio.to_thread.run_sync(self.packs.sync)
         if durable or self.db.dirty:
@@ -266,13 +269,14 @@ class Store:
 
     def commit_now(self) -> None:
         """Commits from synchronous code (opening, laying out the tree, tools)."""
+        self._write_used()
         self.db.commit()
 
     async def run_committer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             await trio.sleep(COMMIT_INTERVAL)
-            if self.db.dirty:
+            if self.db.dirty or self._used:
                 try:
                     await self.commit()
                 except (sqlite3.Error, OSError) as e:  # e.g. the disk is full: the changes wait
@@ -417,9 +421,10 @@ class Store:
             target = self.inode(target_ino)
             self._check_replace(node, target)
             replaced = self._remove_entry(new_parent, new_name, target, now)
-        self.db.execute("UPDATE entries SET parent=?, name=? WHERE parent=? AND name=?",
-                        (new_parent, self.names.name(new_parent, new_name), old_parent,
-                         self.names.name(old_parent, old_name)))
+        old_key = (old_parent, self.names.name(old_parent, old_name))
+        new_key = (new_parent, self.names.name(new_parent, new_name))
+        self.db.change("UPDATE entries SET parent=?, name=? WHERE parent=? AND name=?", (*new_key, *old_key),
+                       (old_key, new_key))
         self._moved(node, old_parent, new_parent, now)
         return replaced
 
@@ -429,10 +434,9 @@ class Store:
             raise StoreError(errno.ENOENT)
         target = self.inode(target_ino)
         now = self.clock()
-        self.db.execute("UPDATE entries SET inode=? WHERE parent=? AND name=?",
-                        (target_ino, old_parent, self.names.name(old_parent, old_name)))
-        self.db.execute("UPDATE entries SET inode=? WHERE parent=? AND name=?",
-                        (node.id, new_parent, self.names.name(new_parent, new_name)))
+        for key, ino in (((old_parent, self.names.name(old_parent, old_name)), target_ino),
+                         ((new_parent, self.names.name(new_parent, new_name)), node.id)):
+            self.db.change("UPDATE entries SET inode=? WHERE parent=? AND name=?", (ino, *key), (key,))
         self._moved(node, old_parent, new_parent, now)
         self._moved(target, new_parent, old_parent, now)
         return None
@@ -446,7 +450,7 @@ class Store:
             raise StoreError(errno.ENOTEMPTY)
 
     def _moved(self, node: Inode, old_parent: int, new_parent: int, now: int) -> None:
-        self.db.execute("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, node.id))
+        self.db.change("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, node.id), (node.id,))
         delta = 1 if node.is_dir and old_parent != new_parent else 0
         self._touch_folder(old_parent, now, -delta)
         self._touch_folder(new_parent, now, delta)
@@ -456,7 +460,7 @@ class Store:
 
     def _adopt(self, ino: int, folder: Inode) -> None:
         """A subtree moved into `folder`: it takes the folder's area and expiry policy."""
-        self.db.execute(
+        self.db.execute(  # names no kept row: a subtree's go with all the others
             "WITH RECURSIVE sub(id) AS (SELECT ? UNION SELECT e.inode FROM entries e JOIN sub ON e.parent = sub.id) "
             "UPDATE inodes SET area=?, policy=?, life_ns=? WHERE id IN (SELECT id FROM sub)",
             (ino, folder.area, folder.policy, self.lifetimes.get(folder.policy)))
@@ -520,12 +524,19 @@ class Store:
         self.db.change("UPDATE inodes SET ttl_deadline_ns=? WHERE id=?", (deadline, ino), (ino,))
 
     def touch_used(self, ino: int) -> None:
-        """Marks a file as used now (opened or closed): eviction takes the least recently used."""
-        # used_ns is no column of a kept row
-        self.db.change("UPDATE inodes SET used_ns=? WHERE id=?", (self.clock(), ino))
+        """Marks a file as used now (opened or closed): eviction takes the least recently used.
+        Written with the next commit, or before the order is asked for: one statement for all."""
+        self._used[ino] = self.clock()
+
+    def _write_used(self) -> None:
+        if self._used:
+            # used_ns is no column of a kept row
+            self.db.change_many("UPDATE inodes SET used_ns=? WHERE id=?", [(t, i) for i, t in self._used.items()])
+            self._used.clear()
 
     def least_recently_used(self, area: str, limit: int, skip: int = 0) -> list[int]:
         """Files of `area` that hold stored content, least recently used first."""
+        self._write_used()
         return [r[0] for r in self.db.execute(
             "SELECT id FROM inodes WHERE area=? AND kind=? AND nlink>0 AND stored_bytes>0 AND (mode & ?) = ? "
             "ORDER BY used_ns LIMIT ? OFFSET ?", (area, Kind.FREE, _S_IFMT, stat.S_IFREG, limit, skip))]
@@ -563,6 +574,7 @@ class Store:
     def remove_inode(self, ino: int) -> None:
         """Destroys an inode that has no name left and no user: its content, xattrs and row."""
         self.blocks.drop_after(ino, 0)
+        self._used.pop(ino, None)
         self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
         self.db.change("DELETE FROM inodes WHERE id=?", (ino,), (ino,))
         self.unlinked.discard(ino)
