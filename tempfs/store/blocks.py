@@ -609,25 +609,25 @@ class BlockStore:
 
     def _digests(self, claimed: list["_Claim"]) -> list[Optional[bytes]]:
         """The dedup digest of each block or patch, None for an all-zero block (a hole)."""
-        return [None if not c.patch and c.plain.count(0) == len(c.plain) else self.codec.digest(c.plain)
-                for c in claimed]
+        return [None if not c.patch and _all_zero(c.plain) else self.codec.digest(c.plain) for c in claimed]
 
     def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes, Optional[str]]]) -> list[tuple]:
         """(stored size, wrapped key, sealed bytes if kept inline, pack, offset) of each object;
-        the others are appended to their area's pack."""
-        out = []
+        the others are appended to their area's pack, one write per area."""
+        sealed = [self.codec.seal(object_id, plain, digest) for object_id, plain, digest, _ in items]
+        places: dict[int, tuple[int, int]] = {}  # item -> (pack, offset)
+        by_tag: dict[Optional[str], list[int]] = {}
+        for i, ((data, _), (_, _, _, tag)) in enumerate(zip(sealed, items)):
+            if len(data) > self.inline_max:
+                by_tag.setdefault(tag, []).append(i)
         try:
-            for object_id, plain, digest, tag in items:
-                sealed, wrapped_key = self.codec.seal(object_id, plain, digest)
-                inline = sealed if len(sealed) <= self.inline_max else None
-                pack = offset = None
-                if inline is None:
-                    pack, offset = self.packs.append(sealed, tag)
-                out.append((len(sealed), wrapped_key, inline, pack, offset))
+            for tag, indexes in by_tag.items():
+                places.update(zip(indexes, self.packs.append_many([sealed[i][0] for i in indexes], tag)))
         except OSError:
-            self.packs.settle(w[3] for w in out if w[3] is not None)  # nothing references them
+            self.packs.settle(pack for pack, _ in places.values())  # nothing references them
             raise
-        return out
+        return [(len(data), wrapped_key, None if i in places else data, *places.get(i, (None, None)))
+                for i, (data, wrapped_key) in enumerate(sealed)]
 
     def _object_of(self, digest: bytes) -> Optional[int]:
         row = self.db.one("SELECT id FROM objects WHERE digest=?", (digest,))
@@ -765,3 +765,11 @@ class _Claim:
     plain: bytes  # the block's content, or the encoded patch of its overlay
     patch: bool = False
     digest: Optional[bytes] = None
+
+
+_ZEROS = bytes(128 * 1024)
+
+
+def _all_zero(data: bytes) -> bool:
+    # a comparison stops at the first byte that differs; bytes.count(0) reads them all
+    return data == (_ZEROS if len(data) == len(_ZEROS) else bytes(len(data)))

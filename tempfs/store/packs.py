@@ -32,6 +32,7 @@ from typing import Hashable, Iterable, Mapping
 from .objects import MAX_OBJECT_BYTES
 
 PACK_MAX = 32 * 1024 * 1024  # bytes appended to a pack before the next one starts
+_IOV_MAX = 1024  # buffers one pwritev() takes (Linux)
 _PACK_NAME = re.compile(r"[0-9a-f]{16}")
 
 
@@ -61,31 +62,46 @@ class PackFiles:
     def append(self, data: bytes, stream: Hashable) -> tuple[int, int]:
         """Appends sealed bytes to the stream's pack; returns (pack, offset). The caller settles
         the append (`settle`) once the row pointing at it is in the metadata, or given up."""
+        return self.append_many([data], stream)[0]
+
+    def append_many(self, items: list[bytes], stream: Hashable) -> list[tuple[int, int]]:
+        """append() of each item, in one write per pack: concurrent writes to one file wait for
+        each other in the kernel, so fewer of them cost less."""
+        places: list[tuple[_OpenPack, int]] = []
         with self._lock:
-            pack = self._open.get(stream)
-            if pack is None or (pack.end and pack.end + len(data) > PACK_MAX):
-                if pack is not None:
-                    self._retire(pack)
-                    del self._open[stream]  # even if no new one can be made (the disk is full)
-                pack = self._open[stream] = self._start()
-            offset = pack.end
-            pack.end += len(data)
-            pack.writers += 1
-            pack.last_append = time.monotonic()
-            self._unsettled[pack.id] += 1
+            for data in items:
+                pack = self._open.get(stream)
+                if pack is None or (pack.end and pack.end + len(data) > PACK_MAX):
+                    if pack is not None:
+                        self._retire(pack)
+                        del self._open[stream]  # even if no new one can be made (the disk is full)
+                    pack = self._open[stream] = self._start()
+                    pack.writers += 1
+                elif not places or places[-1][0] is not pack:
+                    pack.writers += 1
+                places.append((pack, pack.end))
+                pack.end += len(data)
+                pack.last_append = time.monotonic()
+                self._unsettled[pack.id] += 1
+        runs: dict[_OpenPack, list[int]] = {}  # pack -> the items it takes, in order
+        for i, (pack, _) in enumerate(places):
+            runs.setdefault(pack, []).append(i)
         try:
-            _pwrite_all(pack.fd, data, offset)
+            for pack, run in runs.items():
+                _pwritev_all(pack.fd, [items[i] for i in run], places[run[0]][1])
         except BaseException:
             with self._lock:
-                self._unsettle(pack.id)
+                for pack, _ in places:
+                    self._unsettle(pack.id)
             raise
         finally:
             with self._lock:
-                pack.writers -= 1
-                if pack.retired and pack.writers == 0:
-                    os.close(pack.fd)
-                self._unsynced.add(pack.id)
-        return pack.id, offset
+                for pack in runs:
+                    pack.writers -= 1
+                    if pack.retired and pack.writers == 0:
+                        os.close(pack.fd)
+                    self._unsynced.add(pack.id)
+        return [(pack.id, offset) for pack, offset in places]
 
     def _start(self) -> _OpenPack:
         """A new, empty pack (under the lock)."""
@@ -218,8 +234,12 @@ class PackFiles:
         self.seal_all()
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+def _pwritev_all(fd: int, buffers: list[bytes], offset: int) -> None:
+    views = [memoryview(b) for b in buffers if b]
+    while views:
+        n = os.pwritev(fd, views[:_IOV_MAX], offset)
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
