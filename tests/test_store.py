@@ -1122,14 +1122,6 @@ async def test_a_file_read_in_order_has_its_next_blocks_loaded_ahead(opener):
         nursery.cancel_scope.cancel()
 
 
-def test_a_remembered_row_answers_until_the_database_changes(store):
-    sql = "SELECT value FROM meta WHERE key=?"
-    store.db.remember(sql, ("absent",), ("as a wider query read it",))
-    assert store.db.one_cached(sql, ("absent",)) == ("as a wider query read it",)
-    store.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('other', 1)")
-    assert store.db.one_cached(sql, ("absent",)) is None  # read again after any change
-
-
 @trio_test
 async def test_a_reader_out_of_order_gets_no_loads_ahead_and_a_failed_one_is_the_readers_error(opener):
     def damage_block_2(store, f):

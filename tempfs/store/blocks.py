@@ -34,7 +34,7 @@ from typing import Iterable, Optional
 import trio
 
 from ..codec import ContentCodec, IntegrityError
-from .db import Database
+from .db import MISSING, Database
 from .objects import MAX_OBJECT_BYTES, ObjectFiles
 from .packs import PackFiles
 from . import patch
@@ -124,6 +124,7 @@ class BlockStore:
         self.doomed: set[int] = set()     # object files (schema < 6) whose row is gone, removed after the commit
         self.hits = self.misses = 0       # block reads answered from memory / from the store
         self.patches_stored = 0           # changes stored as patches (instead of whole blocks)
+        self._maps_kept = 0               # moves on when a range of block maps goes (drop_after)
         self._loading: dict[int, trio.Event] = {}  # object id -> set when its load ahead ends
         self._reading_ahead = False                  # run_read_ahead is running
         self._in_order: dict[int, tuple[int, int]] = {}  # inode -> (next block asked, first not yet asked ahead)
@@ -188,7 +189,7 @@ class BlockStore:
             facts[object_id] = None if known[0] is None else tuple(known)  # no wrapped key: no object row
         out: dict[int, Optional[tuple]] = {}
         for blockno, rows in layers.items():
-            self.db.remember(_MAPPING, (inode, blockno), tuple(rows))
+            self.db.keep(self._map_key(inode, blockno), tuple(rows))
             if (inode, blockno) not in self.dirty and self._authentic(inode, blockno, rows):
                 out.update((object_id, facts[object_id]) for _, object_id, _ in rows)
         return out
@@ -304,13 +305,22 @@ class BlockStore:
     def _mapped(self, inode: int, blockno: int, verify: bool = True) -> tuple[tuple[int, int, bytes], ...]:
         """(layer, object, tag) of each layer a block is stored in, in order (none: a hole);
         `verify` checks the tags."""
-        rows = self.db.all_cached(_MAPPING, (inode, blockno))
+        key = self._map_key(inode, blockno)
+        rows = self.db.kept(key)
+        if rows is MISSING:
+            rows = tuple(self.db.execute(_MAPPING, (inode, blockno)))
+            self.db.keep(key, rows)
         if verify:
             for layer, object_id, tag in rows:
                 if tag != self.codec.block_tag(inode, blockno, object_id, layer):
                     raise BlockReadError(inode, blockno, f"the block map entry for object {object_id:016x} "
                                                          f"(layer {layer}) fails authentication")
         return rows
+
+    def _map_key(self, inode: int, blockno: int) -> tuple:
+        """Where a block's map is kept (Database.keep), beside the inode rows the store keeps
+        under their number."""
+        return ("map", self._maps_kept, inode, blockno)
 
     def _authentic(self, inode: int, blockno: int, rows: Iterable[tuple]) -> bool:
         block_tag = self.codec.block_tag
@@ -470,6 +480,8 @@ class BlockStore:
                 self._discard_dirty(key)
         rows = self.db.change("DELETE FROM blocks WHERE inode=? AND blockno>=? RETURNING object", (inode, first),
                               (inode,))
+        if rows:
+            self._maps_kept += 1  # every block map kept so far is out of reach: a range cannot be named
         for (object_id,) in rows:
             self._decref(object_id)
 
@@ -638,28 +650,34 @@ class BlockStore:
         hole; its patches go. `old`: its rows, if known. Returns its rows now."""
         if old is None:
             old = self._mapped(*key, verify=False)
+        touched = (key[0], self._map_key(*key))  # the inode row's stored bytes move with its blocks
         if object_id is None or any(row[0] > 0 for row in old):
             self.db.change("DELETE FROM blocks WHERE inode=? AND blockno=?" + (" AND layer>0" if object_id else ""), key,
-                           key[:1])
+                           touched)
         if object_id is not None:
             # an upsert, not INSERT OR REPLACE: REPLACE deletes without firing the accounting triggers
             tag = self.codec.block_tag(*key, object_id)
             self.db.change("INSERT INTO blocks(inode, blockno, layer, object, tag) VALUES (?, ?, 0, ?, ?) "
                            "ON CONFLICT (inode, blockno, layer) DO UPDATE SET object=excluded.object, tag=excluded.tag",
-                           (*key, object_id, tag), key[:1])
+                           (*key, object_id, tag), touched)
+        rows = () if object_id is None else ((0, object_id, tag),)
+        self.db.keep(touched[1], rows)
         for _, old_object, _ in old:
             self._decref(old_object)
-        return () if object_id is None else ((0, object_id, tag),)
+        return rows
 
     def _add_patch(self, key: tuple[int, int], object_id: int, under: tuple) -> tuple:
         """Lays a patch (an object which already counts this reference) over a stored block
         whose rows are `under`; returns its rows now."""
         layer = under[-1][0] + 1 if under else 1
         tag = self.codec.block_tag(*key, object_id, layer)
+        touched = (key[0], self._map_key(*key))
         self.db.change("INSERT INTO blocks(inode, blockno, layer, object, tag) VALUES (?, ?, ?, ?, ?)",
-                       (*key, layer, object_id, tag), key[:1])
+                       (*key, layer, object_id, tag), touched)
         self.patches_stored += 1
-        return under + ((layer, object_id, tag),)
+        rows = under + ((layer, object_id, tag),)
+        self.db.keep(touched[1], rows)
+        return rows
 
     def _decref(self, object_id: int) -> None:
         rows = self.db.change(f"UPDATE objects SET refcount=refcount-1 WHERE id=? RETURNING {_STORAGE}", (object_id,))

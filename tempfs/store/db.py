@@ -344,28 +344,15 @@ class Database:
         """one(), answered from memory while nothing has changed the database since it was read.
         Every INSERT, UPDATE and DELETE of this connection, its triggers' too, moves
         total_changes; a rollback does not, so it (and any error) calls forget_reads()."""
-        return self._cached(sql, args, self.one)
-
-    def all_cached(self, sql: str, args: tuple) -> tuple:
-        """Every row of a query, answered from memory as one_cached() is."""
-        return self._cached(sql, args, lambda sql, args: tuple(self.execute(sql, args)))
-
-    def _cached(self, sql: str, args: tuple, fetch: Callable[[str, tuple], Any]) -> Any:
         self._drop_stale_reads()
         key = (sql, args)
         try:
             return self._memo[key]
         except KeyError:
             pass
-        found = fetch(sql, args)
+        found = self.one(sql, args)
         self._memorize(key, found)
         return found
-
-    def remember(self, sql: str, args: tuple, row: Optional[tuple]) -> None:
-        """Tells one_cached() (or all_cached()) what one(sql, args) returns now, as a wider
-        query just read it."""
-        self._drop_stale_reads()
-        self._memorize((sql, args), row)
 
     def _drop_stale_reads(self) -> None:
         if self.conn.total_changes != self._memo_at:
