@@ -320,7 +320,7 @@ class Database:
         """The row kept under `key` (None for a row known not to exist), or MISSING.
 
         Kept rows outlive changes, unlike the memo of one_cached(): they go only with a
-        statement that names their key in `changes`, or one that names none."""
+        change() that names their key, or a statement run by other means (execute())."""
         if self.conn.total_changes != self._kept_at:
             self._kept.clear()
             self._kept_at = self.conn.total_changes

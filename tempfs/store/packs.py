@@ -69,20 +69,23 @@ class PackFiles:
         each other in the kernel, so fewer of them cost less."""
         places: list[tuple[_OpenPack, int]] = []
         with self._lock:
-            for data in items:
-                pack = self._open.get(stream)
-                if pack is None or (pack.end and pack.end + len(data) > PACK_MAX):
-                    if pack is not None:
-                        self._retire(pack)
-                        del self._open[stream]  # even if no new one can be made (the disk is full)
-                    pack = self._open[stream] = self._start()
-                    pack.writers += 1
-                elif not places or places[-1][0] is not pack:
-                    pack.writers += 1
-                places.append((pack, pack.end))
-                pack.end += len(data)
-                pack.last_append = time.monotonic()
-                self._unsettled[pack.id] += 1
+            try:
+                for data in items:
+                    pack = self._open.get(stream)
+                    if pack is None or (pack.end and pack.end + len(data) > PACK_MAX):
+                        if pack is not None:
+                            self._retire(pack)
+                            del self._open[stream]  # even if no new one can be made (the disk is full)
+                        pack = self._open[stream] = self._start()
+                    if not places or places[-1][0] is not pack:
+                        pack.writers += 1  # a retired pack keeps its fd until its writers are done
+                    places.append((pack, pack.end))
+                    pack.end += len(data)
+                    pack.last_append = time.monotonic()
+                    self._unsettled[pack.id] += 1
+            except BaseException:
+                self._give_up(places)
+                raise
         runs: dict[_OpenPack, list[int]] = {}  # pack -> the items it takes, in order
         for i, (pack, _) in enumerate(places):
             runs.setdefault(pack, []).append(i)
@@ -91,17 +94,25 @@ class PackFiles:
                 _pwritev_all(pack.fd, [items[i] for i in run], places[run[0]][1])
         except BaseException:
             with self._lock:
-                for pack, _ in places:
-                    self._unsettle(pack.id)
+                self._give_up(places)
             raise
-        finally:
-            with self._lock:
-                for pack in runs:
-                    pack.writers -= 1
-                    if pack.retired and pack.writers == 0:
-                        os.close(pack.fd)
-                    self._unsynced.add(pack.id)
+        with self._lock:
+            self._written(runs)
         return [(pack.id, offset) for pack, offset in places]
+
+    def _give_up(self, places: list[tuple[_OpenPack, int]]) -> None:
+        """Appends reserved that will not be made (under the lock)."""
+        for pack, _ in places:
+            self._unsettle(pack.id)
+        self._written(dict.fromkeys(pack for pack, _ in places))
+
+    def _written(self, packs: Iterable[_OpenPack]) -> None:
+        """The writers of these packs are done (under the lock)."""
+        for pack in packs:
+            pack.writers -= 1
+            if pack.retired and pack.writers == 0:
+                os.close(pack.fd)
+            self._unsynced.add(pack.id)
 
     def _start(self) -> _OpenPack:
         """A new, empty pack (under the lock)."""
