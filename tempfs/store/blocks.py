@@ -582,9 +582,9 @@ class BlockStore:
             # with the reference of the block it was made for (one statement less per object)
             for digest, (object_id, plain, _), (stored_size, wrapped_key, inline, pack, offset) in zip(
                     new, new.values(), written):
-                if self.db.change(
+                if self.db.change_count(
                         "INSERT INTO objects(id, digest, refcount, plain_size, stored_size, wrapped_key, data, pack, "
-                        "offset) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1",
+                        "offset) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                         (object_id, digest, len(plain), stored_size, wrapped_key, inline, pack, offset)):
                     added[digest] = object_id
         finally:

@@ -295,10 +295,19 @@ class Database:
     def change(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable] = ()) -> list[tuple]:
         """Runs a statement that may change, with its triggers, the rows kept under `keys` and
         no other kept row (execute() drops them all); returns the rows it RETURNs."""
+        return self._change(sql, args, keys)[0]
+
+    def change_count(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable] = ()) -> int:
+        """change(), returning how many rows the statement itself changed (RETURNING costs
+        SQLite a temporary table)."""
+        return self._change(sql, args, keys)[1]
+
+    def _change(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable]) -> tuple[list[tuple], int]:
         before = self.conn.total_changes
-        rows = self.execute(sql, args).fetchall()  # total_changes moves when the statement ends
+        cursor = self.execute(sql, args)
+        rows = cursor.fetchall()  # total_changes moves when the statement ends
         self._changed(before, keys)
-        return rows
+        return rows, cursor.rowcount
 
     def change_many(self, sql: str, args: Iterable[tuple], keys: Iterable[Hashable] = ()) -> None:
         """change() of one statement over each tuple of `args`."""

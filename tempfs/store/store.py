@@ -611,8 +611,8 @@ class Store:
         self.set_attrs(ino)
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
-        removed = bool(self.db.change("DELETE FROM xattrs WHERE inode=? AND name=? RETURNING 1",
-                                      (ino, self.names.xattr_name(ino, name))))
+        removed = self.db.change_count("DELETE FROM xattrs WHERE inode=? AND name=?",
+                                       (ino, self.names.xattr_name(ino, name))) > 0
         if removed:
             self.set_attrs(ino)
         return removed
