@@ -56,24 +56,3 @@ def test_a_failed_append_leaves_no_append_to_settle(tmp_path, monkeypatch):
     assert packs.release(pack)  # no append of the failed batch waits to be settled
     packs.close()
 
-
-def test_a_pack_that_cannot_be_started_leaves_the_batch_unreserved(tmp_path, monkeypatch):
-    monkeypatch.setattr(packs_module, "PACK_MAX", 100)
-    packs = PackFiles(tmp_path / "packs")
-    first, _ = packs.append(b"x" * 10, "cache")
-    packs.settle([first])
-    real = os.open
-
-    def no_more_files(path, flags, *args):
-        if flags & os.O_CREAT:
-            raise OSError(errno.EMFILE, "Too many open files")
-        return real(path, flags, *args)
-    monkeypatch.setattr(os, "open", no_more_files)
-    with pytest.raises(OSError):
-        packs.append_many([b"a" * 50, b"b" * 50], "cache")  # the second needs a new pack
-    monkeypatch.setattr(os, "open", real)
-    assert not packs.busy(first)  # retired with its reservation given up, fd closed
-    second = packs.append(b"c" * 10, "cache")
-    assert packs.read(*second, 10) == b"c" * 10
-    packs.settle([second[0]])
-    packs.close()

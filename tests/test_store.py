@@ -1874,6 +1874,11 @@ def test_a_pack_that_cannot_be_started_fails_the_append_and_the_next_starts_afre
     second, offset = packs.append(b"y" * 10, "a")
     assert second != first and offset == 0
     packs.settle([first, second])
+    monkeypatch.setattr(os, "open", disk_full)
+    with pytest.raises(OSError):
+        packs.append_many([b"z" * 4, b"z" * 10], "a")  # the first fits in `second`, the next needs a new pack
+    monkeypatch.setattr(os, "open", real_open)
+    assert not packs.busy(second)  # the batch gave back what it had reserved there
     packs.close()
     assert packs.read(first, 0, 10) == b"x" * 10 and packs.read(second, 0, 10) == b"y" * 10
     assert not packs.busy(first) and not packs.busy(second)
