@@ -105,6 +105,7 @@ class BlockStore:
                  patch_max: Optional[int] = None) -> None:
         self.db, self.objects, self.packs, self.codec = db, objects, packs, codec
         self.block_size = block_size
+        self._zeros = bytes(block_size)  # an all-zero block is a hole
         self.inline_max = inline_max
         # the largest patch (encoded) stored; a larger change loads the block. 0: no patches
         self.patch_max = block_size // 4 if patch_max is None else patch_max
@@ -190,7 +191,7 @@ class BlockStore:
         out: dict[int, Optional[tuple]] = {}
         for blockno, rows in layers.items():
             self.db.keep(self._map_key(inode, blockno), tuple(rows))
-            if (inode, blockno) not in self.dirty and self._authentic(inode, blockno, rows):
+            if (inode, blockno) not in self.dirty and self._forged(inode, blockno, rows) is None:
                 out.update((object_id, facts[object_id]) for _, object_id, _ in rows)
         return out
 
@@ -310,11 +311,11 @@ class BlockStore:
         if rows is MISSING:
             rows = tuple(self.db.execute(_MAPPING, (inode, blockno)))
             self.db.keep(key, rows)
-        if verify:
-            for layer, object_id, tag in rows:
-                if tag != self.codec.block_tag(inode, blockno, object_id, layer):
-                    raise BlockReadError(inode, blockno, f"the block map entry for object {object_id:016x} "
-                                                         f"(layer {layer}) fails authentication")
+        forged = self._forged(inode, blockno, rows) if verify else None
+        if forged is not None:
+            layer, object_id, _ = forged
+            raise BlockReadError(inode, blockno, f"the block map entry for object {object_id:016x} "
+                                                 f"(layer {layer}) fails authentication")
         return rows
 
     def _map_key(self, inode: int, blockno: int) -> tuple:
@@ -322,12 +323,10 @@ class BlockStore:
         under their number."""
         return ("map", self._maps_kept, inode, blockno)
 
-    def _authentic(self, inode: int, blockno: int, rows: Iterable[tuple]) -> bool:
+    def _forged(self, inode: int, blockno: int, rows: Iterable[tuple]) -> Optional[tuple]:
+        """The first of a block's map rows whose tag does not authenticate it, if any."""
         block_tag = self.codec.block_tag
-        for layer, object_id, tag in rows:
-            if tag != block_tag(inode, blockno, object_id, layer):
-                return False
-        return True
+        return next((row for row in rows if row[2] != block_tag(inode, blockno, row[1], row[0])), None)
 
     def _sealing_facts(self, object_id: int) -> Optional[tuple]:
         """(wrapped key, digest, sealed bytes if inline, pack, offset, stored size) of an object,
@@ -621,7 +620,11 @@ class BlockStore:
 
     def _digests(self, claimed: list["_Claim"]) -> list[Optional[bytes]]:
         """The dedup digest of each block or patch, None for an all-zero block (a hole)."""
-        return [None if not c.patch and _all_zero(c.plain) else self.codec.digest(c.plain) for c in claimed]
+        return [None if not c.patch and self._all_zero(c.plain) else self.codec.digest(c.plain) for c in claimed]
+
+    def _all_zero(self, data: bytes) -> bool:
+        # a comparison stops at the first byte that differs; bytes.count(0) reads them all
+        return data == (self._zeros if len(data) == self.block_size else bytes(len(data)))
 
     def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes, Optional[str]]]) -> list[tuple]:
         """(stored size, wrapped key, sealed bytes if kept inline, pack, offset) of each object;
@@ -783,11 +786,3 @@ class _Claim:
     plain: bytes  # the block's content, or the encoded patch of its overlay
     patch: bool = False
     digest: Optional[bytes] = None
-
-
-_ZEROS = bytes(128 * 1024)
-
-
-def _all_zero(data: bytes) -> bool:
-    # a comparison stops at the first byte that differs; bytes.count(0) reads them all
-    return data == (_ZEROS if len(data) == len(_ZEROS) else bytes(len(data)))

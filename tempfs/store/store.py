@@ -384,7 +384,7 @@ class Store:
         if self.lookup(parent, name) is not None:
             raise StoreError(errno.EEXIST)
         now = self.clock()
-        self.db.change("UPDATE inodes SET nlink=nlink+1, ctime_ns=? WHERE id=?", (now, ino), (ino,))
+        self._update_kept(ino, "nlink=nlink+1, ctime_ns=?", (now,))
         self._add_entry(parent, name, ino, now, dir_delta=0)
         return self.inode(ino)
 
@@ -592,7 +592,7 @@ class Store:
             raise ValueError(f"cannot set {unknown}")
         fields.setdefault("ctime_ns", self.clock())
         assignments = ", ".join(f"{name}=?" for name in fields)
-        self.db.change(f"UPDATE inodes SET {assignments} WHERE id=?", (*fields.values(), ino), (ino,))
+        self._update_kept(ino, assignments, tuple(fields.values()))  # setattr answers with the row next
 
     def get_xattr(self, ino: int, name: bytes) -> Optional[bytes]:
         stored = self.names.xattr_name(ino, name)
