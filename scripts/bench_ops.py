@@ -118,9 +118,9 @@ def run_once(files: int, where: Path) -> Timings:
     sql = [0]
     execute = Database.execute
 
-    def counted(self, statement, args=()):
+    def counted(self, statement, args=(), held_ok=False):
         sql[0] += 1
-        return execute(self, statement, args)
+        return execute(self, statement, args, held_ok)
 
     Database.execute = counted
     try:

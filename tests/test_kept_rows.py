@@ -2,7 +2,8 @@
 names answered without a query must always be what the database holds.
 
 A random sequence of store operations runs over a small tree; after each, every inode, name and
-block map the store answers for is compared with a fresh read of the database. Use times, written behind
+block map the store answers for is compared with a fresh read of the database (which first
+writes the sizes and times of written files that the store holds back). Use times, written behind
 (Store.touch_used), must still order eviction and survive a reopen.
 """
 from __future__ import annotations
@@ -57,7 +58,9 @@ class Tree:
         self.store = Store(path, ContentCodec(os.urandom(MASTER_KEY_BYTES)), dirty_limit=1 << 24,
                            cache_limit=1 << 24, clock=lambda: self.now)
         for i, part in enumerate(["cache", "cache/data"]):
-            self.store.ensure_folder(part, Kind.LEAF if i else Kind.BRANCH, 0o755, UID, GID)
+            self.store.ensure_folder(part, Kind.LEAF if i else Kind.BRANCH, 0o755, UID, GID, policy="cache")
+        self.store.apply_policies({"cache": 3600 * 10**9})  # longer than a ttl step sets: both rule deadlines
+        self.ctimes: dict[int, int] = {}
         self.leaf = self.store.lookup(self.store.lookup(1, b"cache"), b"data")
         self.folders = [self.leaf]
         self.seen: set[int] = {1, self.leaf}
@@ -115,16 +118,22 @@ class Tree:
         """What the store answers equals a fresh read, for every inode, name and block map it
         ever made."""
         store = self.store
+        answers = {}
+        for ino in self.seen:  # first: with what is held back (Store._written) applied
+            try:
+                answers[ino] = store.inode(ino)
+            except StoreError:
+                answers[ino] = None
         for ino in sorted(self.seen):
             for blockno in range(3):
                 fresh_map = tuple(store.db.execute("SELECT layer, object, tag FROM blocks WHERE inode=? AND blockno=? "
                                                    "ORDER BY layer", (ino, blockno)))
                 assert store.blocks._mapped(ino, blockno, verify=False) == fresh_map, (ino, blockno)
-            fresh = store.db.one(_INODE_QUERY, (ino,))
-            try:
-                answered = store.inode(ino)
-            except StoreError:
-                answered = None
+            answered = answers[ino]
+            if answered is not None:  # every change moves ctime on (the clock does, at each step)
+                assert answered.ctime_ns >= self.ctimes.get(ino, 0), ino
+                self.ctimes[ino] = answered.ctime_ns
+            fresh = store.db.one(_INODE_QUERY, (ino,))  # names the inodes table: writes what is held back
             if fresh is None:
                 assert answered is None, ino
             else:
@@ -137,6 +146,7 @@ class Tree:
                 assert store.lookup(folder, name) == (row[0] if row else None), (folder, name)
                 named = store.named(folder, name)
                 assert (named.id if named else None) == (row[0] if row else None)
+                assert named is None or named == store._inode_of(store.db.one(_INODE_QUERY, (named.id,)))
 
 
 # files and their content more often than the rest

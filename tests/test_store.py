@@ -1108,7 +1108,7 @@ async def test_a_file_read_in_order_has_its_next_blocks_loaded_ahead(opener):
     blocks = store.blocks
     statements: list[str] = []
     execute = store.db.execute
-    store.db.execute = lambda sql, args=(): statements.append(sql) or execute(sql, args)
+    store.db.execute = lambda sql, args=(), held_ok=False: statements.append(sql) or execute(sql, args, held_ok)
     async with trio.open_nursery() as nursery:
         await nursery.start(blocks.run_read_ahead)
         assert await store.read(f, 0, BLOCK_SIZE) == data[:BLOCK_SIZE]

@@ -186,6 +186,9 @@ class Database:
         self._kept_at: Optional[int] = None  # total_changes when the kept rows were last valid
         self._shred = False
         self._checkpoint_blocked = False
+        self._held_table = ""  # see hold_back()
+        self._write_held: Optional[Callable[[], None]] = None
+        self.holding = False
 
     @property
     def is_new(self) -> bool:
@@ -282,35 +285,55 @@ class Database:
     def set_meta(self, key: str, value: Any) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
-    def execute(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Cursor:
+    def hold_back(self, table: str, write_held: Callable[[], None]) -> None:
+        """Lets the caller hold changes to rows of `table` in memory (it sets `holding` while
+        it does): every statement that names the table first runs `write_held`, which writes
+        them, except reads asked with `held_ok` (whose caller applies what it holds)."""
+        self._held_table, self._write_held = table, write_held
+
+    def _write_held_back(self) -> None:
+        self.holding = False  # first: writing them names the table too
+        try:
+            self._write_held()
+        except BaseException:
+            self.holding = True
+            raise
+
+    def execute(self, sql: str, args: Iterable[Any] = (), held_ok: bool = False) -> sqlite3.Cursor:
+        if self.holding and not held_ok and self._held_table in sql:
+            self._write_held_back()
         try:
             return self.conn.execute(sql, tuple(args))
         except sqlite3.Error:
             self.forget_reads()  # some errors roll back the whole transaction
             raise
 
-    def one(self, sql: str, args: Iterable[Any] = ()) -> Optional[tuple]:
-        return self.execute(sql, args).fetchone()
+    def one(self, sql: str, args: Iterable[Any] = (), held_ok: bool = False) -> Optional[tuple]:
+        return self.execute(sql, args, held_ok).fetchone()
 
-    def change(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable] = ()) -> list[tuple]:
+    def change(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable] = (), held_ok: bool = False) -> list[tuple]:
         """Runs a statement that may change, with its triggers, the rows kept under `keys` and
-        no other kept row (execute() drops them all); returns the rows it RETURNs."""
-        return self._change(sql, args, keys)[0]
+        no other kept row (execute() drops them all); returns the rows it RETURNs. `held_ok`:
+        it touches nothing held back (hold_back()), which may stay held."""
+        return self._change(sql, args, keys, held_ok)[0]
 
     def change_count(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable] = ()) -> int:
         """change(), returning how many rows the statement itself changed (RETURNING costs
         SQLite a temporary table)."""
         return self._change(sql, args, keys)[1]
 
-    def _change(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable]) -> tuple[list[tuple], int]:
+    def _change(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable],
+                held_ok: bool = False) -> tuple[list[tuple], int]:
         before = self.conn.total_changes
-        cursor = self.execute(sql, args)
+        cursor = self.execute(sql, args, held_ok)
         rows = cursor.fetchall()  # total_changes moves when the statement ends
         self._changed(before, keys)
         return rows, cursor.rowcount
 
     def change_many(self, sql: str, args: Iterable[tuple], keys: Iterable[Hashable] = ()) -> None:
         """change() of one statement over each tuple of `args`."""
+        if self.holding and self._held_table in sql:
+            self._write_held_back()
         before = self.conn.total_changes
         try:
             self.conn.executemany(sql, args)
@@ -341,11 +364,11 @@ class Database:
             self._kept.clear()
         self._kept[key] = row
 
-    def keyed_one(self, key: Hashable, sql: str, args: tuple) -> Optional[tuple]:
+    def keyed_one(self, key: Hashable, sql: str, args: tuple, held_ok: bool = False) -> Optional[tuple]:
         """one(sql, args), kept under `key`."""
         row = self.kept(key)
         if row is MISSING:
-            row = self.one(sql, args)
+            row = self.one(sql, args, held_ok)
             self.keep(key, row)
         return row
 

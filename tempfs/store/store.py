@@ -93,6 +93,8 @@ class Inode:
     policy: Optional[str]
     expires_ns: Optional[int]
     stored_bytes: int
+    life_ns: Optional[int] = None  # its policy's max_age
+    ttl_deadline_ns: Optional[int] = None
 
     @property
     def is_dir(self) -> bool:
@@ -101,7 +103,7 @@ class Inode:
 
 _S_IFMT = 0o170000  # the file-type bits of st_mode
 _INODE_COLUMNS = ("id, mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, target, "
-                  "policy, expires_ns, stored_bytes")
+                  "policy, expires_ns, stored_bytes, life_ns, ttl_deadline_ns")
 _INODE_QUERY = f"SELECT {_INODE_COLUMNS} FROM inodes WHERE id=?"
 _NAMED_QUERY = (f"SELECT {', '.join('i.' + c for c in _INODE_COLUMNS.split(', '))} FROM entries e "
                 "JOIN inodes i ON i.id = e.inode WHERE e.parent=? AND e.name=?")
@@ -134,6 +136,11 @@ class Store:
         # the kernel forgets them or they are closed (a superset: a later link() leaves it here)
         self.unlinked: set[int] = set()
         self._used: dict[int, int] = {}  # touch_used() times not written yet
+        # written files' size and time of change (mtime, ctime) not written yet: one statement a
+        # commit, not one a write. inode() and named() answer with them; any other statement
+        # that names the inodes table writes them first
+        self._written: dict[int, tuple[int, int]] = {}
+        self.db.hold_back("inodes", self._write_sizes)
         self.packs = PackFiles(path / "packs")
         self.blocks = BlockStore(self.db, self.objects, self.packs, codec, BLOCK_SIZE, dirty_limit, cache_limit,
                                  inline_max, patch_max)
@@ -207,7 +214,7 @@ class Store:
     def close(self) -> None:
         self.packs.close()
         self.packs.sync()
-        self._write_used()
+        self._write_behind()
         self.db.close()
         if not self.needs_recovery:
             (self.path / UNCLEAN_MARK).unlink(missing_ok=True)
@@ -226,7 +233,7 @@ class Store:
         keys) survives in it."""
         if shred:
             self.db.shred_after_commit()
-        self._write_used()
+        self._write_behind()
         if durable:
             await trio.to_thread.run_sync(self.packs.sync)
         if durable or self.db.dirty:
@@ -269,14 +276,14 @@ class Store:
 
     def commit_now(self) -> None:
         """Commits from synchronous code (opening, laying out the tree, tools)."""
-        self._write_used()
+        self._write_behind()
         self.db.commit()
 
     async def run_committer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             await trio.sleep(COMMIT_INTERVAL)
-            if self.db.dirty or self._used:
+            if self.db.dirty or self._used or self._written:
                 try:
                     await self.commit()
                 except (sqlite3.Error, OSError) as e:  # e.g. the disk is full: the changes wait
@@ -286,12 +293,16 @@ class Store:
     # Inode rows are kept (Database.keep) under their number, entries under (folder, stored
     # name): every statement below that changes one names the keys it changes.
     def inode(self, ino: int) -> Inode:
-        row = self.db.keyed_one(ino, _INODE_QUERY, (ino,))
+        row = self.db.keyed_one(ino, _INODE_QUERY, (ino,), held_ok=True)
         if row is None:
             raise StoreError(errno.ENOENT)
         return self._inode_of(row)
 
     def _inode_of(self, row: tuple) -> Inode:
+        """The inode of a row read from the database, with what was written to it since."""
+        written = self._written.get(row[0])
+        if written is not None:
+            row = _with_written(row, *written)
         node = Inode(*row)
         if node.target is not None:
             try:
@@ -311,7 +322,7 @@ class Store:
         entry = self.db.kept(key)
         if entry is not MISSING:
             return None if entry is None else self.inode(entry[0])
-        row = self.db.one(_NAMED_QUERY, key)
+        row = self.db.one(_NAMED_QUERY, key, held_ok=True)
         self.db.keep(key, None if row is None else (row[0],))
         if row is None:
             return None
@@ -363,7 +374,7 @@ class Store:
             "INSERT INTO inodes(mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, "
             f"policy, life_ns, used_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_INODE_COLUMNS}",
             (mode, uid, gid, size, 2 if is_dir else 1, rdev, now, now, now, kind, area,
-             folder.policy, self.lifetimes.get(folder.policy), now))
+             folder.policy, self.lifetimes.get(folder.policy), now), held_ok=True)  # a new row: nothing held
         node = Inode(*row)
         if target is not None:  # sealed to its inode, whose number exists only now
             self.db.change("UPDATE inodes SET target=? WHERE id=?", (self.names.target(node.id, target), node.id),
@@ -528,6 +539,17 @@ class Store:
         Written with the next commit, or before the order is asked for: one statement for all."""
         self._used[ino] = self.clock()
 
+    def _write_behind(self) -> None:
+        """Writes what is held in memory: sizes and times of written files, use times."""
+        self._write_sizes()
+        self._write_used()
+
+    def _write_sizes(self) -> None:
+        if self._written:
+            rows = [(size, now, now, ino) for ino, (size, now) in self._written.items()]
+            self.db.change_many("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?", rows, list(self._written))
+            self._written.clear()
+
     def _write_used(self) -> None:
         if self._used:
             # used_ns is no column of a kept row
@@ -562,12 +584,13 @@ class Store:
         return replace(node, nlink=nlink, ctime_ns=now)
 
     def _touch_folder(self, ino: int, now: int, nlink_delta: int) -> None:
-        self._update_kept(ino, "nlink=nlink+?, mtime_ns=?, ctime_ns=?", (nlink_delta, now, now))
+        self._update_kept(ino, "nlink=nlink+?, mtime_ns=?, ctime_ns=?", (nlink_delta, now, now),
+                          held_ok=ino not in self._written)  # folders are not written (but a store may be asked to)
 
-    def _update_kept(self, ino: int, assignments: str, args: tuple) -> None:
+    def _update_kept(self, ino: int, assignments: str, args: tuple, held_ok: bool = False) -> None:
         """Changes an inode's columns and keeps the row it has now (no read when it is next asked for)."""
         rows = self.db.change(f"UPDATE inodes SET {assignments} WHERE id=? RETURNING {_INODE_COLUMNS}",
-                              (*args, ino), (ino,))
+                              (*args, ino), (ino,), held_ok)
         if rows:
             self.db.keep(ino, rows[0])
 
@@ -575,6 +598,7 @@ class Store:
         """Destroys an inode that has no name left and no user: its content, xattrs and row."""
         self.blocks.drop_after(ino, 0)
         self._used.pop(ino, None)
+        self._written.pop(ino, None)
         self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
         self.db.change("DELETE FROM inodes WHERE id=?", (ino,), (ino,))
         self.unlinked.discard(ino)
@@ -637,8 +661,8 @@ class Store:
         if offset > node.size:
             await self.blocks.cut_tail(ino, node.size, node.area)
         await self.blocks.write(ino, offset, data, node.area, size=node.size)
-        now = self.clock()
-        self._update_kept(ino, "size=max(size, ?), mtime_ns=?, ctime_ns=?", (offset + len(data), now, now))
+        self._written[ino] = (max(self.inode(ino).size, offset + len(data)), self.clock())
+        self.db.holding = True
 
     async def truncate(self, ino: int, size: int) -> None:
         if size > MAX_FILE_SIZE:
@@ -788,6 +812,14 @@ class Store:
         for ino in gone:
             self.db.execute("UPDATE inodes SET kind=? WHERE id=?", (Kind.FREE, ino))
         return paths
+
+
+def _with_written(row: tuple, size: int, now: int) -> tuple:
+    """An inode row with a size and a time of change written since it was read; its deadline
+    follows its ctime as the database's expires_ns does."""
+    life, ttl = row[16], row[17]
+    expires = ttl if life is None else min(now + life, now + life if ttl is None else ttl)
+    return (*row[:4], size, *row[5:8], now, now, *row[10:14], expires, *row[15:])
 
 
 def _saved(referenced: int, unique: int, stored: int) -> dict[str, int]:
