@@ -4,7 +4,9 @@ names answered without a query must always be what the database holds.
 A random sequence of store operations runs over a small tree; after each, every inode, name and
 block map the store answers for is compared with a fresh read of the database (which first
 writes the sizes and times of written files that the store holds back). Use times, written behind
-(Store.touch_used), must still order eviction and survive a reopen.
+(Store.touch_used), must still order eviction and survive a reopen; written sizes and times must
+be written by the commit, or before any statement that reads them; a deleted file's blocks are
+freed once, not again when the kernel forgets it.
 """
 from __future__ import annotations
 
@@ -199,4 +201,59 @@ def test_use_times_are_written_together_and_order_eviction_before_and_after_a_re
     store.close()  # writes what is pending
     store, _ = opened()
     assert store.least_recently_used("cache", 10) == [files[1], files[0], files[2]]
+    store.close()
+
+
+def test_written_sizes_and_times_are_held_back_until_the_commit_or_a_statement_on_inodes(tmp_path):
+    key = os.urandom(MASTER_KEY_BYTES)
+    now = [1_700_000_000_000_000_000]
+
+    def opened() -> tuple[Store, int]:
+        store = Store(tmp_path / "store", ContentCodec(key), dirty_limit=1 << 24, cache_limit=1 << 24,
+                      clock=lambda: now[0])
+        store.ensure_folder("cache", Kind.BRANCH, 0o755, UID, GID)
+        return store, store.ensure_folder("cache/data", Kind.LEAF, 0o755, UID, GID)
+
+    store, leaf = opened()
+    files = [store.make(leaf, name, stat.S_IFREG | 0o644, UID, GID).id for name in NAMES]
+    store.commit_now()
+    statements: list[str] = []
+    store.db.conn.set_trace_callback(statements.append)
+    for i, ino in enumerate(files):
+        now[0] += 1_000_000
+        trio.run(store.write, ino, 0, b"x" * (100 + i))
+    assert not any("SET size" in sql for sql in statements)  # nothing written yet
+    for i, ino in enumerate(files):  # but answered
+        node = store.inode(ino)
+        assert (node.size, node.mtime_ns) == (100 + i, now[0] - (len(files) - 1 - i) * 1_000_000)
+        assert store.named(leaf, NAMES[i]) == node
+    store.due(now[0], 10)  # names the inodes table: what is held back is written first
+    assert sum("SET size" in sql for sql in statements) == len(files)  # one statement, run per file
+    assert statements.index(next(sql for sql in statements if "SET size" in sql)) < \
+        statements.index(next(sql for sql in statements if "expires_ns <=" in sql))
+    now[0] += 1_000_000
+    trio.run(store.write, files[0], 200, b"y")
+    store.close()  # writes what is held back
+    store, _ = opened()
+    assert [store.inode(ino).size for ino in files] == [201, 101, 102]
+    assert store.inode(files[0]).mtime_ns == store.inode(files[0]).ctime_ns == now[0]
+    store.close()
+
+
+def test_a_deleted_file_the_kernel_still_knows_frees_its_blocks_once(tmp_path):
+    store = Store(tmp_path / "store", ContentCodec(os.urandom(MASTER_KEY_BYTES)), dirty_limit=1 << 24,
+                  cache_limit=1 << 24)
+    store.ensure_folder("cache", Kind.BRANCH, 0o755, UID, GID)
+    leaf = store.ensure_folder("cache/data", Kind.LEAF, 0o755, UID, GID)
+    ino = store.make(leaf, b"f", stat.S_IFREG | 0o644, UID, GID).id
+    trio.run(store.write, ino, 0, os.urandom(300_000))
+    trio.run(store.sync)
+    statements: list[str] = []
+    execute = store.db.execute
+    store.db.execute = lambda sql, args=(), held_ok=False: statements.append(sql) or execute(sql, args, held_ok)
+    store.discard_content(store.unlink(leaf, b"f", want_dir=False))  # unlinked, not closed: what fs does
+    store.remove_inode(ino)  # the kernel forgot it
+    assert sum(sql.startswith("DELETE FROM blocks") for sql in statements) == 1
+    assert store.db.one("SELECT COUNT(*) FROM blocks WHERE inode=?", (ino,)) == (0,)
+    assert store.db.one("SELECT COUNT(*) FROM objects") == (0,)
     store.close()

@@ -186,6 +186,7 @@ class Database:
         self._kept_at: Optional[int] = None  # total_changes when the kept rows were last valid
         self._shred = False
         self._checkpoint_blocked = False
+        self.forgotten = 0  # forget_reads() calls: a rollback, or an error that may have been one
         self._held_table = ""  # see hold_back()
         self._write_held: Optional[Callable[[], None]] = None
         self.holding = False
@@ -398,6 +399,7 @@ class Database:
 
     def forget_reads(self) -> None:
         self._memo_at = self._kept_at = None
+        self.forgotten += 1
 
     def rollback_to(self, savepoint: str) -> None:
         self.forget_reads()

@@ -135,6 +135,8 @@ class Store:
         # inodes whose last name went since the store opened: only these can need freeing when
         # the kernel forgets them or they are closed (a superset: a later link() leaves it here)
         self.unlinked: set[int] = set()
+        # of those, whose content discard_content() freed (and db.forgotten then: a rollback undoes it)
+        self._emptied: dict[int, int] = {}
         self._used: dict[int, int] = {}  # touch_used() times not written yet
         # written files' size and time of change (mtime, ctime) not written yet: one statement a
         # commit, not one a write. inode() and named() answer with them; any other statement
@@ -517,6 +519,7 @@ class Store:
         if node.stored_bytes or self.blocks.dirty_by_inode[node.id]:
             self.blocks.drop_after(node.id, 0)
             self.db.change("UPDATE inodes SET size=0 WHERE id=?", (node.id,), (node.id,))
+            self._emptied[node.id] = self.db.forgotten
 
     def due(self, now: int, limit: int) -> list[int]:
         """Entries whose deadline has passed, earliest first (an index range: the cost grows with
@@ -596,7 +599,8 @@ class Store:
 
     def remove_inode(self, ino: int) -> None:
         """Destroys an inode that has no name left and no user: its content, xattrs and row."""
-        self.blocks.drop_after(ino, 0)
+        if self._emptied.pop(ino, None) != self.db.forgotten:  # else nothing was written to it since
+            self.blocks.drop_after(ino, 0)
         self._used.pop(ino, None)
         self._written.pop(ino, None)
         self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
@@ -663,6 +667,7 @@ class Store:
         await self.blocks.write(ino, offset, data, node.area, size=node.size)
         self._written[ino] = (max(self.inode(ino).size, offset + len(data)), self.clock())
         self.db.holding = True
+        self._emptied.pop(ino, None)
 
     async def truncate(self, ino: int, size: int) -> None:
         if size > MAX_FILE_SIZE:
