@@ -15,7 +15,9 @@ Guarantees:
   (patch.py), at most MAX_PATCHES per block and `patch_max` bytes each; past either, the block
   is loaded and stored whole, which drops its patches. A reader gets the block with its
   patches applied in order.
-- Sealing, hashing and disk I/O run in worker threads; the trio thread only touches SQLite.
+- Sealing, hashing and disk I/O run in worker threads; the trio thread only touches SQLite, and
+  seals a flush batch of small objects that all stay inline (small files, patches of random
+  writes) itself, which costs less than the trip.
 - A file read in order has its next blocks loaded ahead, several at once, into the clean LRU
   (objects are immutable, so a block loaded ahead is never stale; a read that fails because the
   compactor moved its object meanwhile is retried); a reader that asks for one
@@ -33,7 +35,7 @@ from typing import Iterable, Optional
 
 import trio
 
-from ..codec import ContentCodec, IntegrityError
+from ..codec import SEAL_OVERHEAD, ContentCodec, IntegrityError
 from .db import MISSING, Database
 from .objects import MAX_OBJECT_BYTES, ObjectFiles
 from .packs import PackFiles
@@ -44,6 +46,11 @@ log = logging.getLogger(__name__)
 FLUSH_AGE = 2.0          # seconds a block may stay dirty when there is no pressure
 FLUSH_PARALLELISM = 3    # batches sealed at once (2 cores, plus disk waits)
 FLUSH_BATCH = 8          # blocks per trip to a worker thread: a trip costs ~0.2 ms
+# A batch of small objects, all inline, up to this many bytes is sealed on the trio thread. A trip
+# to a worker wakes two threads, and while the workers run Python every SQLite call of the trio
+# thread (which gives the GIL up) waits to get it back: random 4 KiB writes ran 1.09x as fast
+# with 0.78x the CPU per write when their patches were sealed here.
+SEAL_HERE_BYTES = 64 * 1024
 INLINE_MAX = 16 * 1024   # sealed objects up to this size live in the metadata, not in packs
 MAX_PATCHES = 8          # patches a stored block may carry; the next change loads and stores it whole
 READAHEAD_BLOCKS = 8     # blocks loaded ahead of a reader that reads a file in order
@@ -562,8 +569,11 @@ class BlockStore:
 
     async def _seal_batch(self, claimed: list["_Claim"]) -> None:
         """Stores a batch of blocks: two trips to the worker threads (hash, then seal and write
-        what is new), then one synchronous metadata update."""
-        digests = await trio.to_thread.run_sync(self._digests, claimed)
+        what is new), or none for small objects kept inline; then one synchronous metadata
+        update."""
+        here = (sum(len(c.plain) for c in claimed) <= SEAL_HERE_BYTES
+                and all(len(c.plain) + SEAL_OVERHEAD <= self.inline_max for c in claimed))  # no pack to write
+        digests = self._digests(claimed) if here else await trio.to_thread.run_sync(self._digests, claimed)
         new: dict[bytes, tuple[int, bytes, Optional[str]]] = {}
         makers: dict[bytes, _Claim] = {}  # digest -> the claim a new object is made for
         for claim, digest in zip(claimed, digests):
@@ -573,7 +583,8 @@ class BlockStore:
                 new[digest] = (secrets.randbits(63), claim.plain, claim.block.tag)
                 makers[digest] = claim
         items = [(object_id, plain, digest, tag) for digest, (object_id, plain, tag) in new.items()]
-        written = await trio.to_thread.run_sync(self._seal_and_write_many, items)
+        written = self._seal_and_write_many(items) if here else await trio.to_thread.run_sync(
+            self._seal_and_write_many, items)
         added: dict[bytes, int] = {}  # digest -> the object this batch stored for it
         try:
             # what a row does not take (a concurrent batch stored the same content first, or the

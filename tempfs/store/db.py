@@ -4,7 +4,9 @@ and xattrs.
 Guarantees: changes are grouped into transactions that the caller commits (in batches, and at
 once on fsync); a commit is atomic, so a crash leaves the tree as of a commit; a commit asked to
 be durable survives a power cut too (the WAL is fsynced); freed pages are overwritten
-(secure_delete), so destroyed object keys do not linger in the file.
+(secure_delete), so destroyed object keys do not linger in the file. Changes a caller holds
+back in memory (hold_back) are written before any statement that names their table; the
+caller writes them before it commits.
 """
 from __future__ import annotations
 
@@ -292,17 +294,18 @@ class Database:
         them, except reads asked with `held_ok` (whose caller applies what it holds)."""
         self._held_table, self._write_held = table, write_held
 
-    def _write_held_back(self) -> None:
-        self.holding = False  # first: writing them names the table too
-        try:
-            self._write_held()
-        except BaseException:
-            self.holding = True
-            raise
+    def _write_held_before(self, sql: str) -> None:
+        if self.holding and self._held_table in sql:
+            self.holding = False  # first: writing them names the table too
+            try:
+                self._write_held()
+            except BaseException:
+                self.holding = True
+                raise
 
     def execute(self, sql: str, args: Iterable[Any] = (), held_ok: bool = False) -> sqlite3.Cursor:
-        if self.holding and not held_ok and self._held_table in sql:
-            self._write_held_back()
+        if not held_ok:
+            self._write_held_before(sql)
         try:
             return self.conn.execute(sql, tuple(args))
         except sqlite3.Error:
@@ -333,8 +336,7 @@ class Database:
 
     def change_many(self, sql: str, args: Iterable[tuple], keys: Iterable[Hashable] = ()) -> None:
         """change() of one statement over each tuple of `args`."""
-        if self.holding and self._held_table in sql:
-            self._write_held_back()
+        self._write_held_before(sql)
         before = self.conn.total_changes
         try:
             self.conn.executemany(sql, args)
