@@ -60,6 +60,9 @@ READERS_TRACKED = 1024   # files whose next block in order is remembered
 COMPACT_DEAD = 0.5       # a pack this dead (by bytes) has what lives in it moved, and goes
 COMPACT_IDLE = 30.0      # seconds without an append after which a pack being filled may be compacted
 COMPACTED = ("compacted",)  # the pack stream of moved objects (areas' streams are their names)
+# The key every area's stored bytes are kept under (Database.keep): every change to the block
+# map names it, since the accounting triggers move them (db.py)
+AREA_USAGE = ("area usage",)
 
 
 class BlockReadError(Exception):
@@ -485,7 +488,7 @@ class BlockStore:
             for key in [k for k in self.dirty if k[0] == inode and k[1] >= first]:
                 self._discard_dirty(key)
         rows = self.db.change("DELETE FROM blocks WHERE inode=? AND blockno>=? RETURNING object", (inode, first),
-                              (inode,))
+                              (inode, AREA_USAGE))
         if rows:
             self._maps_kept += 1  # every block map kept so far is out of reach: a range cannot be named
         for (object_id,) in rows:
@@ -664,7 +667,7 @@ class BlockStore:
         hole; its patches go. `old`: its rows, if known. Returns its rows now."""
         if old is None:
             old = self._mapped(*key, verify=False)
-        touched = (key[0], self._map_key(*key))  # the inode row's stored bytes move with its blocks
+        touched = (key[0], self._map_key(*key), AREA_USAGE)  # the inode row's stored bytes move with its blocks
         if object_id is None or any(row[0] > 0 for row in old):
             self.db.change("DELETE FROM blocks WHERE inode=? AND blockno=?" + (" AND layer>0" if object_id else ""), key,
                            touched)
@@ -685,7 +688,7 @@ class BlockStore:
         whose rows are `under`; returns its rows now."""
         layer = under[-1][0] + 1 if under else 1
         tag = self.codec.block_tag(*key, object_id, layer)
-        touched = (key[0], self._map_key(*key))
+        touched = (key[0], self._map_key(*key), AREA_USAGE)
         self.db.change("INSERT INTO blocks(inode, blockno, layer, object, tag) VALUES (?, ?, ?, ?, ?)",
                        (*key, layer, object_id, tag), touched)
         self.patches_stored += 1

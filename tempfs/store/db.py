@@ -19,7 +19,6 @@ from typing import Any, Callable, Hashable, Iterable, Optional
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 7
-MEMO_ENTRIES = 4096  # rows one_cached() keeps between changes
 KEPT_ROWS = 1 << 16  # rows keep() holds across the changes that do not name them
 MISSING = object()   # kept() of a key nothing is kept under
 
@@ -182,8 +181,6 @@ class Database:
         self.conn.execute("PRAGMA foreign_keys=OFF")
         self.conn.execute("PRAGMA cache_size=-16384")  # 16 MiB page cache
         self._after_commit: list[Callable[[], None]] = []
-        self._memo: dict[tuple[str, tuple], Optional[tuple]] = {}
-        self._memo_at: Optional[int] = None  # total_changes when the memo was last valid
         self._kept: dict[Hashable, Optional[tuple]] = {}
         self._kept_at: Optional[int] = None  # total_changes when the kept rows were last valid
         self._shred = False
@@ -354,8 +351,10 @@ class Database:
     def kept(self, key: Hashable) -> Any:
         """The row kept under `key` (None for a row known not to exist), or MISSING.
 
-        Kept rows outlive changes, unlike the memo of one_cached(): they go only with a
-        change() that names their key, or a statement run by other means (execute())."""
+        Kept rows outlive changes: they go only with a change() that names their key, a
+        statement run by other means (execute()), or a rollback (forget_reads()): every
+        INSERT, UPDATE and DELETE of this connection, its triggers' too, moves total_changes,
+        but a rollback does not."""
         if self.conn.total_changes != self._kept_at:
             self._kept.clear()
             self._kept_at = self.conn.total_changes
@@ -375,32 +374,8 @@ class Database:
             self.keep(key, row)
         return row
 
-    def one_cached(self, sql: str, args: tuple) -> Optional[tuple]:
-        """one(), answered from memory while nothing has changed the database since it was read.
-        Every INSERT, UPDATE and DELETE of this connection, its triggers' too, moves
-        total_changes; a rollback does not, so it (and any error) calls forget_reads()."""
-        self._drop_stale_reads()
-        key = (sql, args)
-        try:
-            return self._memo[key]
-        except KeyError:
-            pass
-        found = self.one(sql, args)
-        self._memorize(key, found)
-        return found
-
-    def _drop_stale_reads(self) -> None:
-        if self.conn.total_changes != self._memo_at:
-            self._memo.clear()
-            self._memo_at = self.conn.total_changes
-
-    def _memorize(self, key: tuple, row: Optional[tuple]) -> None:
-        if len(self._memo) >= MEMO_ENTRIES:
-            self._memo.clear()
-        self._memo[key] = row
-
     def forget_reads(self) -> None:
-        self._memo_at = self._kept_at = None
+        self._kept_at = None
         self.forgotten += 1
 
     def rollback_to(self, savepoint: str) -> None:

@@ -29,7 +29,7 @@ import trio
 from ..codec import ContentCodec, IntegrityError
 from ..layout import Kind
 from ..names import MetadataCipher
-from .blocks import COMPACT_DEAD, COMPACT_IDLE, INLINE_MAX, BlockStore
+from .blocks import AREA_USAGE, COMPACT_DEAD, COMPACT_IDLE, INLINE_MAX, BlockStore
 from .db import MISSING, Database
 from .objects import ObjectFiles
 from .packs import PackFiles
@@ -762,8 +762,11 @@ class Store:
 
     def area_stored(self, area: str) -> int:
         """An area's stored bytes, each object it references once."""
-        row = self.db.one_cached("SELECT stored_bytes FROM area_usage WHERE area=?", (area,))
-        return 0 if row is None else row[0]
+        usage = self.db.kept(AREA_USAGE)  # asked at every write: each area's, in one row
+        if usage is MISSING:
+            usage = dict(self.db.execute("SELECT area, stored_bytes FROM area_usage").fetchall())
+            self.db.keep(AREA_USAGE, usage)
+        return usage.get(area, 0)
 
     def sole_objects(self, area: str, ino: int, first: int, last: int) -> dict[int, int]:
         """Block number -> stored bytes, for the blocks first..last of a file whose objects
