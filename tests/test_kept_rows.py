@@ -15,7 +15,9 @@ import errno
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import trio
 from hypothesis import example, given, settings
@@ -29,6 +31,13 @@ from tempfs.store.store import _INODE_QUERY, Inode
 
 UID, GID = os.getuid(), os.getgid()
 NAMES = [b"a", b"b", b"c"]
+
+
+def opened(path: Path, key: bytes, clock: Callable[[], int]) -> tuple[Store, int]:
+    """A store with the folders cache/ and cache/data/ (returned: the leaf), of policy "cache"."""
+    store = Store(path, ContentCodec(key), dirty_limit=1 << 24, cache_limit=1 << 24, clock=clock)
+    store.ensure_folder("cache", Kind.BRANCH, 0o755, UID, GID, policy="cache")
+    return store, store.ensure_folder("cache/data", Kind.LEAF, 0o755, UID, GID, policy="cache")
 
 
 def test_a_kept_row_stays_until_a_change_names_it_or_names_nothing(tmp_path):
@@ -58,13 +67,9 @@ class Tree:
 
     def __init__(self, path: Path) -> None:
         self.now = 1_700_000_000_000_000_000
-        self.store = Store(path, ContentCodec(os.urandom(MASTER_KEY_BYTES)), dirty_limit=1 << 24,
-                           cache_limit=1 << 24, clock=lambda: self.now)
-        for i, part in enumerate(["cache", "cache/data"]):
-            self.store.ensure_folder(part, Kind.LEAF if i else Kind.BRANCH, 0o755, UID, GID, policy="cache")
+        self.store, self.leaf = opened(path, os.urandom(MASTER_KEY_BYTES), lambda: self.now)
         self.store.apply_policies({"cache": 3600 * 10**9})  # longer than a ttl step sets: both rule deadlines
         self.ctimes: dict[int, int] = {}
-        self.leaf = self.store.lookup(self.store.lookup(1, b"cache"), b"data")
         self.folders = [self.leaf]
         self.seen: set[int] = {1, self.leaf}
 
@@ -180,14 +185,7 @@ def test_every_answer_from_kept_rows_is_what_the_database_holds(steps):
 def test_use_times_are_written_together_and_order_eviction_before_and_after_a_reopen(tmp_path):
     key = os.urandom(MASTER_KEY_BYTES)
     now = [1_700_000_000_000_000_000]
-
-    def opened() -> tuple[Store, int]:
-        store = Store(tmp_path / "store", ContentCodec(key), dirty_limit=1 << 24, cache_limit=1 << 24,
-                      clock=lambda: now[0])
-        store.ensure_folder("cache", Kind.BRANCH, 0o755, UID, GID)
-        return store, store.ensure_folder("cache/data", Kind.LEAF, 0o755, UID, GID)
-
-    store, leaf = opened()
+    store, leaf = opened(tmp_path / "store", key, lambda: now[0])
     files = [store.make(leaf, name, stat.S_IFREG | 0o644, UID, GID).id for name in NAMES]
     for ino in files:
         trio.run(store.write, ino, 0, b"x" * 100)
@@ -203,7 +201,7 @@ def test_use_times_are_written_together_and_order_eviction_before_and_after_a_re
     now[0] += 1_000_000
     store.touch_used(files[-1])
     store.close()  # writes what is pending
-    store, _ = opened()
+    store, _ = opened(tmp_path / "store", key, lambda: now[0])
     assert store.least_recently_used("cache", 10) == [files[1], files[0], files[2]]
     store.close()
 
@@ -211,14 +209,7 @@ def test_use_times_are_written_together_and_order_eviction_before_and_after_a_re
 def test_written_sizes_and_times_are_held_back_until_the_commit_or_a_statement_on_inodes(tmp_path):
     key = os.urandom(MASTER_KEY_BYTES)
     now = [1_700_000_000_000_000_000]
-
-    def opened() -> tuple[Store, int]:
-        store = Store(tmp_path / "store", ContentCodec(key), dirty_limit=1 << 24, cache_limit=1 << 24,
-                      clock=lambda: now[0])
-        store.ensure_folder("cache", Kind.BRANCH, 0o755, UID, GID)
-        return store, store.ensure_folder("cache/data", Kind.LEAF, 0o755, UID, GID)
-
-    store, leaf = opened()
+    store, leaf = opened(tmp_path / "store", key, lambda: now[0])
     files = [store.make(leaf, name, stat.S_IFREG | 0o644, UID, GID).id for name in NAMES]
     store.commit_now()
     statements: list[str] = []
@@ -238,17 +229,14 @@ def test_written_sizes_and_times_are_held_back_until_the_commit_or_a_statement_o
     now[0] += 1_000_000
     trio.run(store.write, files[0], 200, b"y")
     store.close()  # writes what is held back
-    store, _ = opened()
+    store, _ = opened(tmp_path / "store", key, lambda: now[0])
     assert [store.inode(ino).size for ino in files] == [201, 101, 102]
     assert store.inode(files[0]).mtime_ns == store.inode(files[0]).ctime_ns == now[0]
     store.close()
 
 
 def test_a_deleted_file_the_kernel_still_knows_frees_its_blocks_once(tmp_path):
-    store = Store(tmp_path / "store", ContentCodec(os.urandom(MASTER_KEY_BYTES)), dirty_limit=1 << 24,
-                  cache_limit=1 << 24)
-    store.ensure_folder("cache", Kind.BRANCH, 0o755, UID, GID)
-    leaf = store.ensure_folder("cache/data", Kind.LEAF, 0o755, UID, GID)
+    store, leaf = opened(tmp_path / "store", os.urandom(MASTER_KEY_BYTES), time.time_ns)
     ino = store.make(leaf, b"f", stat.S_IFREG | 0o644, UID, GID).id
     trio.run(store.write, ino, 0, os.urandom(300_000))
     trio.run(store.sync)
