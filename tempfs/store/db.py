@@ -312,7 +312,8 @@ class Database:
     def one(self, sql: str, args: Iterable[Any] = (), held_ok: bool = False) -> Optional[tuple]:
         return self.execute(sql, args, held_ok).fetchone()
 
-    def change(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable] = (), held_ok: bool = False) -> list[tuple]:
+    def change(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable] = (),
+               held_ok: bool = False) -> list[tuple]:
         """Runs a statement that may change, with its triggers, the rows kept under `keys` and
         no other kept row (execute() drops them all); returns the rows it RETURNs. `held_ok`:
         it touches nothing held back (hold_back()), which may stay held."""

@@ -550,7 +550,8 @@ class Store:
     def _write_sizes(self) -> None:
         if self._written:
             rows = [(size, now, now, ino) for ino, (size, now) in self._written.items()]
-            self.db.change_many("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?", rows, list(self._written))
+            self.db.change_many("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?", rows,
+                                list(self._written))
             self._written.clear()
 
     def _write_used(self) -> None:
