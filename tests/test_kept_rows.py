@@ -111,8 +111,8 @@ class Tree:
                 store.set_xattr(ino, b"user.k", b"v" * n) if n else store.remove_xattr(ino, b"user.k")
             elif op == "expire" and ino is not None:
                 store.expire(ino)
-            elif op == "remove" and ino is not None and store.inode(ino).nlink == 0:
-                store.remove_inode(ino)
+            elif op == "remove" and store.unlinked:  # the kernel forgot one without a name left
+                store.remove_inode(sorted(store.unlinked)[n % len(store.unlinked)])
             elif op == "rollback":
                 store.db.execute("SAVEPOINT s")
                 store.set_attrs(store.lookup(leaf, name) or leaf, uid=n)
@@ -123,8 +123,8 @@ class Tree:
                                errno.EPERM, errno.EXDEV, errno.EINVAL), e
 
     def check(self) -> None:
-        """What the store answers equals a fresh read, for every inode, name and block map it
-        ever made."""
+        """What the store answers equals a fresh read, for every inode, name, block map and
+        xattr absence it ever made."""
         store = self.store
         answers = {}
         for ino in self.seen:  # first: with what is held back (Store._written) applied
@@ -147,6 +147,10 @@ class Tree:
             else:
                 assert answered == store._inode_of(fresh), ino
                 assert isinstance(answered, Inode)
+        for ino in self.seen:  # "has no xattrs", kept for new inodes, is true; none outlives its inode
+            if store.db.kept(("xattrs", ino)) is False:
+                assert store.db.one("SELECT COUNT(*) FROM xattrs WHERE inode=?", (ino,)) == (0,), ino
+        assert store.db.one("SELECT COUNT(*) FROM xattrs WHERE inode NOT IN (SELECT id FROM inodes)") == (0,)
         answered_usage = store.area_stored("cache")
         assert answered_usage == (store.db.one("SELECT stored_bytes FROM area_usage WHERE area='cache'") or (0,))[0]
         for folder in self.folders:
@@ -171,6 +175,7 @@ STEPS = st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 7), st.integers(
 @example(steps=[("file", 0, 0, 0), ("write", 0, 0, 2), ("sync", 0, 0, 0), ("truncate", 0, 0, 0)])  # maps past the end
 @example(steps=[("file", 0, 0, 0), ("write", 0, 0, 2), ("sync", 0, 0, 0), ("zeros", 0, 0, 0), ("sync", 0, 0, 0)])
 @example(steps=[("file", 0, 0, 0), ("write", 0, 0, 2), ("sync", 0, 0, 0), ("write", 0, 0, 2), ("sync", 0, 0, 0)])  # a patch
+@example(steps=[("file", 0, 0, 0), ("xattr", 0, 0, 2), ("unlink", 0, 0, 0), ("remove", 0, 0, 0)])
 def test_every_answer_from_kept_rows_is_what_the_database_holds(steps):
     with tempfile.TemporaryDirectory() as where:
         tree = Tree(Path(where) / "store")

@@ -293,7 +293,8 @@ class Store:
 
     # ---- inodes and names ----------------------------------------------------------------
     # Inode rows are kept (Database.keep) under their number, entries under (folder, stored
-    # name): every statement below that changes one names the keys it changes.
+    # name), "has no xattrs" under _xattrs_key(inode): every statement below that changes one
+    # names the keys it changes.
     def inode(self, ino: int) -> Inode:
         row = self.db.keyed_one(ino, _INODE_QUERY, (ino,), held_ok=True)
         if row is None:
@@ -378,6 +379,7 @@ class Store:
             (mode, uid, gid, size, 2 if is_dir else 1, rdev, now, now, now, kind, area,
              folder.policy, self.lifetimes.get(folder.policy), now), held_ok=True)  # a new row: nothing held
         node = Inode(*row)
+        self.db.keep(_xattrs_key(node.id), False)  # a new inode has none: nothing to look up or delete
         if target is not None:  # sealed to its inode, whose number exists only now
             self.db.change("UPDATE inodes SET target=? WHERE id=?", (self.names.target(node.id, target), node.id),
                            (node.id,))
@@ -604,7 +606,8 @@ class Store:
             self.blocks.drop_after(ino, 0)
         self._used.pop(ino, None)
         self._written.pop(ino, None)
-        self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,))
+        if self.db.kept(_xattrs_key(ino)) is not False:
+            self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,), (_xattrs_key(ino),))
         self.db.change("DELETE FROM inodes WHERE id=?", (ino,), (ino,))
         self.unlinked.discard(ino)
 
@@ -624,6 +627,8 @@ class Store:
         self._update_kept(ino, assignments, tuple(fields.values()))  # setattr answers with the row next
 
     def get_xattr(self, ino: int, name: bytes) -> Optional[bytes]:
+        if self.db.kept(_xattrs_key(ino)) is False:
+            return None
         stored = self.names.xattr_name(ino, name)
         row = self.db.one("SELECT value FROM xattrs WHERE inode=? AND name=?", (ino, stored))
         if row is None:
@@ -636,7 +641,7 @@ class Store:
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
         stored = self.names.xattr_name(ino, name)
         self.db.change("INSERT OR REPLACE INTO xattrs(inode, name, value) VALUES (?, ?, ?)",
-                       (ino, stored, self.names.xattr_value(ino, stored, value)))
+                       (ino, stored, self.names.xattr_value(ino, stored, value)), (_xattrs_key(ino),))
         self.set_attrs(ino)
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
@@ -821,6 +826,10 @@ class Store:
         for ino in gone:
             self.db.execute("UPDATE inodes SET kind=? WHERE id=?", (Kind.FREE, ino))
         return paths
+
+
+def _xattrs_key(ino: int) -> tuple:
+    return ("xattrs", ino)
 
 
 def _with_written(row: tuple, size: int, now: int) -> tuple:
