@@ -245,6 +245,14 @@ def store_sql(store: Path, statement: str, args=()) -> list[tuple]:
         conn.close()
 
 
+def executed_statements(db) -> list[str]:
+    """The SQL of every statement `db.execute` runs from now on (a trigger's are not its own)."""
+    statements: list[str] = []
+    execute = db.execute
+    db.execute = lambda sql, args=(), held_ok=False: statements.append(sql) or execute(sql, args, held_ok)
+    return statements
+
+
 def wait_until(predicate, timeout=5.0, interval=0.05):
     deadline = time.monotonic() + timeout
     while True:

@@ -23,6 +23,7 @@ import trio
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from conftest import executed_statements
 from tempfs.codec import MASTER_KEY_BYTES, ContentCodec
 from tempfs.layout import Kind
 from tempfs.store import Store, StoreError
@@ -245,9 +246,7 @@ def test_a_deleted_file_the_kernel_still_knows_frees_its_blocks_once(tmp_path):
     ino = store.make(leaf, b"f", stat.S_IFREG | 0o644, UID, GID).id
     trio.run(store.write, ino, 0, os.urandom(300_000))
     trio.run(store.sync)
-    statements: list[str] = []
-    execute = store.db.execute
-    store.db.execute = lambda sql, args=(), held_ok=False: statements.append(sql) or execute(sql, args, held_ok)
+    statements = executed_statements(store.db)
     store.discard_content(store.unlink(leaf, b"f", want_dir=False))  # unlinked, not closed: what fs does
     store.remove_inode(ino)  # the kernel forgot it
     assert sum(sql.startswith("DELETE FROM blocks") for sql in statements) == 1

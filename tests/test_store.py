@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import run_script
+from conftest import executed_statements, run_script
 from tempfs.codec import MASTER_KEY_BYTES, ContentCodec, IntegrityError
 from tempfs.layout import Kind
 from tempfs.store import (ROOT_INODE, BlockReadError, DamagedMetadata, Store, StoreError, StoreLockedError,
@@ -1106,9 +1106,7 @@ async def stored_then_reopened(opener, name: bytes, size: int, seed: int, damage
 async def test_a_file_read_in_order_has_its_next_blocks_loaded_ahead(opener):
     store, f, data = await stored_then_reopened(opener, b"model.onnx", 12 * BLOCK_SIZE, 6)
     blocks = store.blocks
-    statements: list[str] = []
-    execute = store.db.execute
-    store.db.execute = lambda sql, args=(), held_ok=False: statements.append(sql) or execute(sql, args, held_ok)
+    statements = executed_statements(store.db)
     async with trio.open_nursery() as nursery:
         await nursery.start(blocks.run_read_ahead)
         assert await store.read(f, 0, BLOCK_SIZE) == data[:BLOCK_SIZE]

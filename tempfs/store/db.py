@@ -292,7 +292,7 @@ class Database:
         self._held_table, self._write_held = table, write_held
 
     def _write_held_before(self, sql: str) -> None:
-        if self.holding and self._held_table in sql:
+        if self._held_table in sql:
             self.holding = False  # first: writing them names the table too
             try:
                 self._write_held()
@@ -301,7 +301,7 @@ class Database:
                 raise
 
     def execute(self, sql: str, args: Iterable[Any] = (), held_ok: bool = False) -> sqlite3.Cursor:
-        if not held_ok:
+        if self.holding and not held_ok:
             self._write_held_before(sql)
         try:
             return self.conn.execute(sql, tuple(args))
@@ -334,7 +334,8 @@ class Database:
 
     def change_many(self, sql: str, args: Iterable[tuple], keys: Iterable[Hashable] = ()) -> None:
         """change() of one statement over each tuple of `args`."""
-        self._write_held_before(sql)
+        if self.holding:
+            self._write_held_before(sql)
         before = self.conn.total_changes
         try:
             self.conn.executemany(sql, args)

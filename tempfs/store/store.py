@@ -93,8 +93,8 @@ class Inode:
     policy: Optional[str]
     expires_ns: Optional[int]
     stored_bytes: int
-    life_ns: Optional[int] = None  # its policy's max_age
-    ttl_deadline_ns: Optional[int] = None
+    life_ns: Optional[int]  # its policy's max_age
+    ttl_deadline_ns: Optional[int]
 
     @property
     def is_dir(self) -> bool:
@@ -671,7 +671,9 @@ class Store:
         if offset > node.size:
             await self.blocks.cut_tail(ino, node.size, node.area)
         await self.blocks.write(ino, offset, data, node.area, size=node.size)
-        self._written[ino] = (max(self.inode(ino).size, offset + len(data)), self.clock())
+        held = self._written.get(ino)  # the size now: a truncation may have run during the write
+        size = held[0] if held is not None else self.inode(ino).size
+        self._written[ino] = (max(size, offset + len(data)), self.clock())
         self.db.holding = True
         self._emptied.pop(ino, None)
 
