@@ -39,6 +39,7 @@ from tempfs.store import Store  # noqa: E402
 from tempfs.store.db import Database  # noqa: E402
 
 CAPABILITY = b"security.capability"
+STATEMENT_SHOWN = 110  # characters of a statement --statements shows
 
 
 class Context:
@@ -113,14 +114,21 @@ async def _workload(ops: TempFS, store: Store, folder: int, files: int, t: Timin
         nursery.cancel_scope.cancel()
 
 
-def run_once(files: int, where: Path) -> Timings:
+def run_once(files: int, where: Path, by_statement: dict[str, list]) -> Timings:
+    """One run; `by_statement` collects, per SQL statement, [times run, seconds]."""
     folder = Path(tempfile.mkdtemp(prefix="bench_ops.", dir=where))
     sql = [0]
     execute = Database.execute
 
     def counted(self, statement, args=(), held_ok=False):
         sql[0] += 1
-        return execute(self, statement, args, held_ok)
+        started = time.perf_counter()
+        try:
+            return execute(self, statement, args, held_ok)
+        finally:
+            spent = by_statement[" ".join(statement.split())[:STATEMENT_SHOWN]]
+            spent[0] += 1
+            spent[1] += time.perf_counter() - started
 
     Database.execute = counted
     try:
@@ -145,13 +153,19 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=3000)
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where the stores are made")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--statements", action="store_true",
+                        help="also list each SQL statement: runs per file and microseconds per run")
     args = parser.parse_args()
-    runs = [run_once(args.files, args.dir) for _ in range(args.repeat)]
+    by_statement: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    runs = [run_once(args.files, args.dir, by_statement) for _ in range(args.repeat)]
     for kind in runs[0].seconds:
         best = min(r.seconds[kind] for r in runs)
         print(f"{kind} {1e6 * best / args.files:.1f} us/file", flush=True)
     for phase in runs[0].statements:
         print(f"sql_{phase} {runs[0].statements[phase] / args.files:.1f} statements/file")
+    if args.statements:
+        for statement, (count, seconds) in sorted(by_statement.items(), key=lambda kv: -kv[1][1]):
+            print(f"# {count / args.files / args.repeat:5.2f}/file {1e6 * seconds / count:6.1f} us  {statement}")
 
 
 if __name__ == "__main__":

@@ -336,8 +336,9 @@ class TempFS(pyfuse3.Operations):
         await self._remove(parent_inode, name, ctx, want_dir=True)
 
     async def _remove(self, parent: int, name: bytes, ctx, want_dir: bool) -> None:
-        self._check_schema(self._named(parent, name), "removed", ctx, parent, name)
-        node = self.store.unlink(parent, name, want_dir=want_dir)
+        node = self._named(parent, name)
+        self._check_schema(node, "removed", ctx, parent, name)
+        node = self.store.unlink(parent, name, want_dir=want_dir, discard=self._opens[node.id] == 0)
         self.monitor.count("deletes")
         self._release_if_unused(node.id, node)
 

@@ -241,15 +241,22 @@ def test_written_sizes_and_times_are_held_back_until_the_commit_or_a_statement_o
     store.close()
 
 
-def test_a_deleted_file_the_kernel_still_knows_frees_its_blocks_once(tmp_path):
+def test_a_deleted_file_the_kernel_still_knows_frees_its_blocks_once_in_few_statements(tmp_path):
     store, leaf = opened(tmp_path / "store", os.urandom(MASTER_KEY_BYTES), time.time_ns)
     ino = store.make(leaf, b"f", stat.S_IFREG | 0o644, UID, GID).id
     trio.run(store.write, ino, 0, os.urandom(300_000))
     trio.run(store.sync)
     statements = executed_statements(store.db)
-    store.discard_content(store.unlink(leaf, b"f", want_dir=False))  # unlinked, not closed: what fs does
+    node = store.unlink(leaf, b"f", want_dir=False, discard=True)  # not open: what fs does
+    assert (node.nlink, node.size, node.stored_bytes) == (0, 0, 0)
+    store.discard_content(node)  # fs asks again once the name is gone: nothing left to do
+    assert store.inode(ino).size == 0
     store.remove_inode(ino)  # the kernel forgot it
     assert sum(sql.startswith("DELETE FROM blocks") for sql in statements) == 1
+    # the link count and the size in one statement; each last reference dropped in one
+    assert sum(sql.startswith("UPDATE inodes") and "WHERE id=?" in sql for sql in statements) == 2  # + the folder
+    assert sum(sql.startswith("DELETE FROM objects") for sql in statements) == 3
+    assert not any(sql.startswith("UPDATE objects") for sql in statements)
     assert store.db.one("SELECT COUNT(*) FROM blocks WHERE inode=?", (ino,)) == (0,)
     assert store.db.one("SELECT COUNT(*) FROM objects") == (0,)
     store.close()

@@ -579,10 +579,11 @@ class BlockStore:
         digests = self._digests(claimed) if here else await trio.to_thread.run_sync(self._digests, claimed)
         new: dict[bytes, tuple[int, bytes, Optional[str]]] = {}
         makers: dict[bytes, _Claim] = {}  # digest -> the claim a new object is made for
+        # a patch is seldom stored twice: not worth a lookup (a second copy is not kept)
+        known = self._objects_of({d for c, d in zip(claimed, digests) if d is not None and not c.patch})
         for claim, digest in zip(claimed, digests):
             claim.digest = digest
-            # a patch is seldom stored twice: not worth a lookup (a second copy is not kept)
-            if digest is not None and digest not in new and (claim.patch or self._object_of(digest) is None):
+            if digest is not None and digest not in new and digest not in known:
                 new[digest] = (secrets.randbits(63), claim.plain, claim.block.tag)
                 makers[digest] = claim
         items = [(object_id, plain, digest, tag) for digest, (object_id, plain, tag) in new.items()]
@@ -662,6 +663,13 @@ class BlockStore:
         row = self.db.one("SELECT id FROM objects WHERE digest=?", (digest,))
         return None if row is None else row[0]
 
+    def _objects_of(self, digests: set[bytes]) -> dict[bytes, int]:
+        """The objects already stored for some digests (a batch's: at most FLUSH_BATCH), in one query."""
+        if not digests:
+            return {}
+        return {digest: object_id for object_id, digest in self.db.execute(
+            f"SELECT id, digest FROM objects WHERE digest IN ({','.join('?' * len(digests))})", tuple(digests))}
+
     def _map(self, key: tuple[int, int], object_id: Optional[int], old: Optional[tuple] = None) -> tuple:
         """Points a block at an object (which already counts this reference), or makes it a
         hole; its patches go. `old`: its rows, if known. Returns its rows now."""
@@ -697,18 +705,22 @@ class BlockStore:
         return rows
 
     def _decref(self, object_id: int) -> None:
-        rows = self.db.change(f"UPDATE objects SET refcount=refcount-1 WHERE id=? RETURNING {_STORAGE}", (object_id,))
-        self._drop_if(object_id, rows[0] if rows else None)
+        # the last reference, the common case in a temp store, costs one statement
+        dropped = self.db.change(f"DELETE FROM objects WHERE id=? AND refcount<=1 RETURNING {_STORAGE}", (object_id,))
+        if dropped:
+            self._dropped(object_id, dropped[0])
+        else:
+            self.db.change("UPDATE objects SET refcount=refcount-1 WHERE id=?", (object_id,))
 
     def _drop_if_unreferenced(self, object_id: int) -> None:
-        self._drop_if(object_id, self.db.one(f"SELECT {_STORAGE} FROM objects WHERE id=?", (object_id,)))
+        row = self.db.one(f"SELECT {_STORAGE} FROM objects WHERE id=?", (object_id,))
+        if row is not None and row[0] <= 0:
+            self.db.change("DELETE FROM objects WHERE id=?", (object_id,))
+            self._dropped(object_id, row)
 
-    def _drop_if(self, object_id: int, row: Optional[tuple]) -> None:
-        """Drops an object whose _STORAGE row says nothing references it."""
-        if row is None or row[0] > 0:
-            return
+    def _dropped(self, object_id: int, row: tuple) -> None:
+        """What follows the deletion of an object's row (its _STORAGE columns: `row`)."""
         _, inline, pack, stored_size = row
-        self.db.change("DELETE FROM objects WHERE id=?", (object_id,))
         self.db.shred_after_commit()
         self._forget_object(object_id)
         if pack is not None:

@@ -403,8 +403,10 @@ class Store:
         self._add_entry(parent, name, ino, now, dir_delta=0)
         return self.inode(ino)
 
-    def unlink(self, parent: int, name: bytes, *, want_dir: bool) -> Inode:
-        """Removes a name (rmdir when `want_dir`); returns the inode with its new link count."""
+    def unlink(self, parent: int, name: bytes, *, want_dir: bool, discard: bool = False) -> Inode:
+        """Removes a name (rmdir when `want_dir`); returns the inode with its new link count.
+        `discard`: the file is not open, so if that was its last name its content goes now
+        (discard_content(), in the same statement)."""
         node = self.named(parent, name)
         if node is None:
             raise StoreError(errno.ENOENT)
@@ -414,7 +416,7 @@ class Store:
             raise StoreError(errno.EISDIR)
         if node.is_dir and self.children(node.id, limit=1):
             raise StoreError(errno.ENOTEMPTY)
-        return self._remove_entry(parent, name, node, self.clock())
+        return self._remove_entry(parent, name, node, self.clock(), discard)
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, *,
                noreplace: bool = False, exchange: bool = False) -> Optional[Inode]:
@@ -505,9 +507,9 @@ class Store:
                 log.error("inode %d: a name in folder %d fails authentication; removed unseen", ino, parent)
         node = self.inode(ino)
         self.db.execute("DELETE FROM entries WHERE inode=?", (ino,))
-        self.discard_content(node)
+        emptied = ", size=0" if self._discard_blocks(node) else ""
         # with no deadline it leaves the reaper's index, waiting only for the kernel to forget it
-        self.db.execute("UPDATE inodes SET nlink=0, life_ns=NULL, ttl_deadline_ns=NULL WHERE id=?", (ino,))
+        self.db.execute(f"UPDATE inodes SET nlink=0, life_ns=NULL, ttl_deadline_ns=NULL{emptied} WHERE id=?", (ino,))
         self.unlinked.add(ino)
         if node.is_dir:
             for parent, _name in names:
@@ -518,10 +520,16 @@ class Store:
         """Frees the content of a file that has no name left and is not open: nobody can open
         it again, so its space (and, once the commit lands, its keys) go now rather than when
         the kernel forgets the inode."""
-        if node.stored_bytes or self.blocks.dirty_by_inode[node.id]:
-            self.blocks.drop_after(node.id, 0)
+        if self._discard_blocks(node):
             self.db.change("UPDATE inodes SET size=0 WHERE id=?", (node.id,), (node.id,))
-            self._emptied[node.id] = self.db.forgotten
+
+    def _discard_blocks(self, node: Inode) -> bool:
+        """discard_content() but for the size, which the caller sets to 0 if this says so."""
+        if not node.stored_bytes and not self.blocks.dirty_by_inode[node.id]:
+            return False
+        self.blocks.drop_after(node.id, 0)
+        self._emptied[node.id] = self.db.forgotten
+        return True
 
     def due(self, now: int, limit: int) -> list[int]:
         """Entries whose deadline has passed, earliest first (an index range: the cost grows with
@@ -578,15 +586,20 @@ class Store:
         for policy, life in lifetimes.items():
             self.db.execute("UPDATE inodes SET life_ns=? WHERE policy=? AND kind=?", (life, policy, Kind.FREE))
 
-    def _remove_entry(self, parent: int, name: bytes, node: Inode, now: int) -> Inode:
-        """Removes one name of `node`; returns the node with its new link count."""
+    def _remove_entry(self, parent: int, name: bytes, node: Inode, now: int, discard: bool = False) -> Inode:
+        """Removes one name of `node`; returns the node with its new link count (and, if that
+        is 0 and `discard`, without content)."""
         key = (parent, self.names.name(parent, name))
         self.db.change("DELETE FROM entries WHERE parent=? AND name=?", key, (key,))
         nlink = 0 if node.is_dir else node.nlink - 1
-        self.db.change("UPDATE inodes SET nlink=?, ctime_ns=? WHERE id=?", (nlink, now, node.id), (node.id,))
+        emptied = nlink == 0 and discard and self._discard_blocks(node)
+        self.db.change(f"UPDATE inodes SET nlink=?, ctime_ns=?{', size=0' if emptied else ''} WHERE id=?",
+                       (nlink, now, node.id), (node.id,))
         if nlink == 0:
             self.unlinked.add(node.id)
         self._touch_folder(parent, now, -int(node.is_dir))
+        if emptied:
+            return replace(node, nlink=0, ctime_ns=now, size=0, stored_bytes=0)
         return replace(node, nlink=nlink, ctime_ns=now)
 
     def _touch_folder(self, ino: int, now: int, nlink_delta: int) -> None:
