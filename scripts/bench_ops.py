@@ -8,7 +8,8 @@ For each file, in order, what the kernel sends when a program creates a 4 KiB fi
 such name), create, getattr of the folder (the kernel's permission check after the folder
 changed), getxattr security.capability (asked before each write), write, release; then the
 written blocks are stored, all at once (flush: what the flusher does in the daemon). Then lookup of each name (stat), then lookup and unlink of each.
-Files hold distinct content (no dedup), as bench.py's create_4k does.
+Files hold bench.py's create_4k content: distinct (no dedup) and incompressible, so each is a
+sealed object of just over 4 KiB in its metadata row.
 
 Prints one `name value unit` line per figure: microseconds per request of each kind (the best of
 --repeat runs, so load on the machine moves it less), and the SQL statements tempfs's code ran
@@ -25,11 +26,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import pyfuse3
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import Content  # noqa: E402
 from tempfs.codec import ContentCodec  # noqa: E402
 from tempfs.config import default_config  # noqa: E402
 from tempfs.daemon import area_rules, prepare_tree  # noqa: E402
@@ -39,6 +43,7 @@ from tempfs.store import Store  # noqa: E402
 from tempfs.store.db import Database  # noqa: E402
 
 CAPABILITY = b"security.capability"
+POOL = Content().random_pool()
 STATEMENT_SHOWN = 110  # characters of a statement --statements shows
 
 
@@ -72,6 +77,7 @@ async def _ignore_errno(call) -> None:
 
 async def _workload(ops: TempFS, store: Store, folder: int, files: int, t: Timings, sql: list[int]) -> None:
     names = [b"f%06d" % i for i in range(files)]
+    content = [Content.stamped(POOL, i, 4096) for i in range(files)]
     ctx = Context()
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run_committer)  # no flusher: storing is all in "flush"
@@ -86,7 +92,7 @@ async def _workload(ops: TempFS, store: Store, folder: int, files: int, t: Timin
             t.lap("getattr_folder")
             await _ignore_errno(ops.getxattr(entry.st_ino, CAPABILITY, ctx))
             t.lap("getxattr")
-            await ops.write(info.fh, 0, i.to_bytes(8, "little") + bytes(range(256)) * 15 + bytes(248))
+            await ops.write(info.fh, 0, content[i])
             t.lap("write")
             await ops.release(info.fh)
             t.lap("release")
@@ -114,14 +120,16 @@ async def _workload(ops: TempFS, store: Store, folder: int, files: int, t: Timin
         nursery.cancel_scope.cancel()
 
 
-def run_once(files: int, where: Path, by_statement: dict[str, list]) -> Timings:
-    """One run; `by_statement` collects, per SQL statement, [times run, seconds]."""
+def run_once(files: int, where: Path, by_statement: Optional[dict[str, list]]) -> Timings:
+    """One run; `by_statement`, if given, collects per SQL statement [times run, seconds]."""
     folder = Path(tempfile.mkdtemp(prefix="bench_ops.", dir=where))
     sql = [0]
     execute = Database.execute
 
     def counted(self, statement, args=(), held_ok=False):
         sql[0] += 1
+        if by_statement is None:
+            return execute(self, statement, args, held_ok)
         started = time.perf_counter()
         try:
             return execute(self, statement, args, held_ok)
@@ -156,14 +164,14 @@ def main() -> None:
     parser.add_argument("--statements", action="store_true",
                         help="also list each SQL statement: runs per file and microseconds per run")
     args = parser.parse_args()
-    by_statement: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    by_statement = collections.defaultdict(lambda: [0, 0.0]) if args.statements else None
     runs = [run_once(args.files, args.dir, by_statement) for _ in range(args.repeat)]
     for kind in runs[0].seconds:
         best = min(r.seconds[kind] for r in runs)
         print(f"{kind} {1e6 * best / args.files:.1f} us/file", flush=True)
     for phase in runs[0].statements:
         print(f"sql_{phase} {runs[0].statements[phase] / args.files:.1f} statements/file")
-    if args.statements:
+    if by_statement is not None:
         for statement, (count, seconds) in sorted(by_statement.items(), key=lambda kv: -kv[1][1]):
             print(f"# {count / args.files / args.repeat:5.2f}/file {1e6 * seconds / count:6.1f} us  {statement}")
 

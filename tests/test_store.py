@@ -922,6 +922,19 @@ def test_the_store_benchmark_measures_each_workload_and_leaves_nothing(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_request_benchmark_counts_each_phases_statements_and_leaves_nothing(tmp_path):
+    r, figures = run_script("bench_ops.py", "--files", "40", "--repeat", "1", "--statements", "--dir", str(tmp_path),
+                            tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for kind in ("create", "write", "flush", "lookup", "lookup_unlink_forget"):
+        assert float(figures[kind]) > 0
+    # a stat is one query at most; creating and deleting a file take a few statements each
+    assert 0 < float(figures["sql_stat"]) <= 1 < float(figures["sql_create"]) and float(figures["sql_unlink"]) > 1
+    listed = [line for line in r.stdout.splitlines() if line.startswith("# ")]
+    assert any("INSERT INTO inodes" in line for line in listed) and any("DELETE FROM inodes" in line for line in listed)
+    assert list(tmp_path.iterdir()) == []
+
+
 _CRASH_SCRIPT = """
 import os, sys
 from pathlib import Path
