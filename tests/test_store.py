@@ -1760,13 +1760,13 @@ def test_ensure_folder(store):
 # ---- back-pressure ----------------------------------------------------------------------
 
 async def _write_under_pressure(store: Store, f: int, data: bytes, chunk: int) -> int:
-    """Writes `data` with the flusher running; returns the peak dirty bytes."""
+    """Writes `data` with the flusher running; returns the peak memory dirty blocks held."""
     peak = 0
     async with trio.open_nursery() as nursery:
         await nursery.start(store.blocks.run_flusher)
         for off in range(0, len(data), chunk):
             await store.write(f, off, data[off:off + chunk])
-            peak = max(peak, store.blocks.dirty_bytes)
+            peak = max(peak, store.blocks.held_bytes)
         nursery.cancel_scope.cancel()
     return peak
 
@@ -1788,9 +1788,45 @@ async def test_dirty_limit_back_pressure_with_flusher(opener, chunk, monkeypatch
     assert peak <= 4 * BLOCK_SIZE
     assert store.inode(f).size == len(data)
     await store.sync()
-    assert not store.blocks.dirty and store.blocks.dirty_bytes == 0
+    assert not store.blocks.dirty and store.blocks.dirty_bytes == store.blocks.held_bytes == 0
     assert await store.read(f, 0, len(data) + 1) == data
     assert objects_rows(store) == len(data) // BLOCK_SIZE
+
+
+@pytest.mark.timeout(30)
+@trio_test
+async def test_small_writes_into_stored_blocks_count_at_what_they_hold_not_whole_blocks(opener, monkeypatch):
+    """64 writes of 4 KiB into a stored file, each in a block of its own, fit a dirty budget of
+    8 blocks: each holds about 5 KiB, and the flusher is not woken for them (FLUSH_AGE is
+    an hour, so nothing else would store them). The areas still count each as a whole
+    block, the most it may store. Past the budget a writer waits for the flusher."""
+    monkeypatch.setattr("tempfs.store.blocks.FLUSH_AGE", 7200.0)
+    blocks_in_file = 64
+    store = opener(dirty_limit=8 * BLOCK_SIZE, cache_limit=0)
+    f = new_file(store, leaf(store), b"frames.raw")
+    data = bytearray(random.Random(21).randbytes(blocks_in_file * BLOCK_SIZE))
+    rng = random.Random(22)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.blocks.run_flusher)
+        await store.write(f, 0, bytes(data))  # 8 blocks at a time: the writer wakes the flusher
+        await store.sync()
+        for b in range(blocks_in_file):
+            at, piece = b * BLOCK_SIZE + rng.randrange(BLOCK_SIZE - 4096), rng.randbytes(4096)
+            await store.write(f, at, piece)
+            data[at:at + 4096] = piece
+        await trio.sleep(0.05)  # the flusher's turn, were it woken
+        assert len(store.blocks.dirty) == blocks_in_file and store.blocks.patches_stored == 0
+        assert store.blocks.held_bytes < blocks_in_file * 6 * KiB <= store.blocks.dirty_limit // 2
+        assert store.blocks.dirty_bytes == blocks_in_file * BLOCK_SIZE
+        for b in range(blocks_in_file):  # each block rewritten whole: past the budget, writers wait
+            piece = rng.randbytes(BLOCK_SIZE)
+            await store.write(f, b * BLOCK_SIZE, piece)
+            data[b * BLOCK_SIZE:(b + 1) * BLOCK_SIZE] = piece
+            assert store.blocks.held_bytes <= store.blocks.dirty_limit
+        nursery.cancel_scope.cancel()
+    await store.sync()
+    assert store.blocks.held_bytes == 0
+    assert await store.read(f, 0, len(data)) == data
 
 
 # ---- bugs found -------------------------------------------------------------------------

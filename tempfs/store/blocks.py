@@ -10,7 +10,10 @@ Guarantees:
 - A small sealed object (at most `inline_max` bytes: small files, file tails) is kept in its
   metadata row instead of a pack, so it is stored, made durable and removed with the commit
   that references it.
-- Dirty data is bounded by `dirty_limit`: a writer that would pass it waits for the flusher.
+- The memory dirty data takes (what was written, not whole blocks: a 4 KiB write into a stored
+  block holds about 5 KiB) is bounded by `dirty_limit`: a writer that would pass it waits for
+  the flusher. The areas' limits and `du` count each dirty block as a whole block, which is
+  the most it may store.
 - A change to part of a stored block that is not cached is stored as a patch laid over it
   (patch.py), at most MAX_PATCHES per block and `patch_max` bytes each; past either, the block
   is loaded and stored whole, which drops its patches. A reader gets the block with its
@@ -51,6 +54,8 @@ FLUSH_BATCH = 8          # blocks per trip to a worker thread: a trip costs ~0.2
 # thread (which gives the GIL up) waits to get it back (scripts/bench_gil.py). Sealed here,
 # random 4 KiB writes ran 1.19x as fast and small files were created 1.17x as fast (A/B).
 SEAL_HERE_BYTES = 64 * 1024
+# what a dirty block takes in memory beside its content (its objects, its place in the table)
+DIRTY_OVERHEAD = 1024
 INLINE_MAX = 16 * 1024   # sealed objects up to this size live in the metadata, not in packs
 MAX_PATCHES = 8          # patches a stored block may carry; the next change loads and stores it whole
 READAHEAD_BLOCKS = 8     # blocks loaded ahead of a reader that reads a file in order
@@ -86,6 +91,11 @@ class DirtyBlock:
     # the block map rows (layer, object, tag) under it, as known since it was made dirty: only
     # its own flushes change them meanwhile. None: not known, to be read when needed
     stored: Optional[tuple] = None
+    held: int = 0  # the memory it is counted at in BlockStore.held_bytes
+
+    def memory(self) -> int:
+        """What it takes in memory: a 4 KiB write into a stored block holds 4 KiB, not a block."""
+        return DIRTY_OVERHEAD + (len(self.data) if self.overlay is None else self.overlay.encoded_size())
 
     def put(self, start: int, piece: memoryview) -> None:
         if self.overlay is None:
@@ -122,7 +132,8 @@ class BlockStore:
         self.dirty_limit = max(dirty_limit, 4 * block_size)
         self.cache_limit = cache_limit
         self.dirty: dict[tuple[int, int], DirtyBlock] = {}
-        self.dirty_bytes = 0
+        self.dirty_bytes = 0  # a block each, as they may store: the areas' pending bytes, du
+        self.held_bytes = 0  # what they take in memory, bounded by dirty_limit
         self.dirty_by_tag: Counter[Optional[str]] = Counter()
         self.dirty_by_inode: Counter[int] = Counter()
         self._clean: OrderedDict[int, bytes] = OrderedDict()
@@ -405,10 +416,14 @@ class BlockStore:
             unmapped = size is not None and blockno * self.block_size >= size  # past the end: nothing stored
             while True:
                 block = await self._dirty_block(inode, blockno, self.replaces(blockno, start, n, size), tag, unmapped)
-                if block.overlay is None or block.overlay.encoded_size() + patch.EXTENT_BYTES + n <= self.patch_max:
+                if block.overlay is not None and block.overlay.encoded_size() + patch.EXTENT_BYTES + n > self.patch_max:
+                    await self._fill_in((inode, blockno), block)  # first: if that fails, nothing was written
+                elif self.held_bytes + n > self.dirty_limit:
+                    await self._wait_for_room()
+                else:
                     break
-                await self._fill_in((inode, blockno), block)  # first: if that fails, nothing was written
             block.put(start, data[pos:pos + n])
+            self._count_held(block)
             pos += n
 
     def replaces(self, blockno: int, start: int, n: int, size: Optional[int]) -> bool:
@@ -430,9 +445,8 @@ class BlockStore:
             block = self.dirty.get(key)
             if block is not None:
                 return block
-            if self.dirty_bytes + self.block_size > self.dirty_limit:
-                self._flush_wanted.set()
-                await self._room_lot.park()
+            if self.held_bytes + self.block_size > self.dirty_limit:
+                await self._wait_for_room()
                 continue
             block = DirtyBlock(bytearray(), tag, stored=() if unmapped else None)
             if not fresh:
@@ -447,9 +461,21 @@ class BlockStore:
             self.dirty_bytes += self.block_size
             self.dirty_by_tag[tag] += self.block_size
             self.dirty_by_inode[inode] += self.block_size
-            if self.dirty_bytes > self.dirty_limit // 2:
-                self._flush_wanted.set()
+            self._count_held(block)
             return block
+
+    async def _wait_for_room(self) -> None:
+        self._flush_wanted.set()
+        await self._room_lot.park()
+
+    def _count_held(self, block: DirtyBlock) -> None:
+        """Counts a dirty block's memory again after it changed; past half the limit, the
+        flusher is woken."""
+        now = block.memory()
+        self.held_bytes += now - block.held
+        block.held = now
+        if self.held_bytes > self.dirty_limit // 2:
+            self._flush_wanted.set()
 
     def _patchable(self, mapped: tuple) -> bool:
         """Whether a change to a stored block is best stored as a patch: the block is stored,
@@ -470,6 +496,7 @@ class BlockStore:
             if self.dirty.get(key) is block:  # the overlay has every write made while loading
                 block.data, block.overlay = bytearray(block.overlay.over(stored)), None
                 block.version += 1
+                self._count_held(block)
         finally:
             block.flushing.set()
             block.flushing = None
@@ -479,7 +506,9 @@ class BlockStore:
         blockno, keep = divmod(size, self.block_size)
         if keep == 0 or ((inode, blockno) not in self.dirty and not self._mapped(inode, blockno, verify=False)):
             return
-        (await self._dirty_block(inode, blockno, False, tag)).cut(keep)
+        block = await self._dirty_block(inode, blockno, False, tag)
+        block.cut(keep)
+        self._count_held(block)
 
     def drop_after(self, inode: int, size: int) -> None:
         """Forgets every block wholly at or past `size` (truncation, deletion with size 0)."""
@@ -496,6 +525,7 @@ class BlockStore:
 
     def _discard_dirty(self, key: tuple[int, int]) -> None:
         block = self.dirty.pop(key)
+        self.held_bytes -= block.held
         self.dirty_bytes -= self.block_size
         self.dirty_by_tag[block.tag] -= self.block_size
         self.dirty_by_inode[key[0]] -= self.block_size
@@ -510,7 +540,7 @@ class BlockStore:
             with trio.move_on_after(FLUSH_AGE / 2):
                 await self._flush_wanted.wait()
             self._flush_wanted = trio.Event()
-            pressure = self.dirty_bytes > self.dirty_limit // 2
+            pressure = self.held_bytes > self.dirty_limit // 2
             now = time.monotonic()
             due = [k for k, b in self.dirty.items() if pressure or now - b.since > FLUSH_AGE]
             try:
