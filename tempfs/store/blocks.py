@@ -10,10 +10,10 @@ Guarantees:
 - A small sealed object (at most `inline_max` bytes: small files, file tails) is kept in its
   metadata row instead of a pack, so it is stored, made durable and removed with the commit
   that references it.
-- The memory dirty data takes (what was written, not whole blocks: a 4 KiB write into a stored
-  block holds about 5 KiB) is bounded by `dirty_limit`: a writer that would pass it waits for
-  the flusher. The areas' limits and `du` count each dirty block as a whole block, which is
-  the most it may store.
+- Dirty data is bounded by `dirty_limit`: a writer that would pass it waits for the flusher.
+  A dirty block counts as a whole block, except what was written over a stored block (a
+  patch to be), which counts at what it holds: a 4 KiB write there about 5 KiB. The areas'
+  limits and `du` count every dirty block as a whole block, the most it may store.
 - A change to part of a stored block that is not cached is stored as a patch laid over it
   (patch.py), at most MAX_PATCHES per block and `patch_max` bytes each; past either, the block
   is loaded and stored whole, which drops its patches. A reader gets the block with its
@@ -54,7 +54,7 @@ FLUSH_BATCH = 8          # blocks per trip to a worker thread: a trip costs ~0.2
 # thread (which gives the GIL up) waits to get it back (scripts/bench_gil.py). Sealed here,
 # random 4 KiB writes ran 1.19x as fast and small files were created 1.17x as fast (A/B).
 SEAL_HERE_BYTES = 64 * 1024
-# what a dirty block takes in memory beside its content (its objects, its place in the table)
+# what an overlay (a dirty patch to be) takes in memory beside the bytes written into it
 DIRTY_OVERHEAD = 1024
 INLINE_MAX = 16 * 1024   # sealed objects up to this size live in the metadata, not in packs
 MAX_PATCHES = 8          # patches a stored block may carry; the next change loads and stores it whole
@@ -91,11 +91,7 @@ class DirtyBlock:
     # the block map rows (layer, object, tag) under it, as known since it was made dirty: only
     # its own flushes change them meanwhile. None: not known, to be read when needed
     stored: Optional[tuple] = None
-    held: int = 0  # the memory it is counted at in BlockStore.held_bytes
-
-    def memory(self) -> int:
-        """What it takes in memory: a 4 KiB write into a stored block holds 4 KiB, not a block."""
-        return DIRTY_OVERHEAD + (len(self.data) if self.overlay is None else self.overlay.encoded_size())
+    held: int = 0  # what it is counted at in BlockStore.held_bytes
 
     def put(self, start: int, piece: memoryview) -> None:
         if self.overlay is None:
@@ -133,7 +129,7 @@ class BlockStore:
         self.cache_limit = cache_limit
         self.dirty: dict[tuple[int, int], DirtyBlock] = {}
         self.dirty_bytes = 0  # a block each, as they may store: the areas' pending bytes, du
-        self.held_bytes = 0  # what they take in memory, bounded by dirty_limit
+        self.held_bytes = 0  # the same, but an overlay at what it holds: bounded by dirty_limit
         self.dirty_by_tag: Counter[Optional[str]] = Counter()
         self.dirty_by_inode: Counter[int] = Counter()
         self._clean: OrderedDict[int, bytes] = OrderedDict()
@@ -416,10 +412,13 @@ class BlockStore:
             unmapped = size is not None and blockno * self.block_size >= size  # past the end: nothing stored
             while True:
                 block = await self._dirty_block(inode, blockno, self.replaces(blockno, start, n, size), tag, unmapped)
-                if block.overlay is not None and block.overlay.encoded_size() + patch.EXTENT_BYTES + n > self.patch_max:
-                    await self._fill_in((inode, blockno), block)  # first: if that fails, nothing was written
-                elif self.held_bytes + n > self.dirty_limit:
+                if block.overlay is None:
+                    break
+                grown = block.overlay.encoded_size() + patch.EXTENT_BYTES + n > self.patch_max
+                if self.held_bytes + (self.block_size - block.held if grown else n) > self.dirty_limit:
                     await self._wait_for_room()
+                elif grown:
+                    await self._fill_in((inode, blockno), block)  # first: if that fails, nothing was written
                 else:
                     break
             block.put(start, data[pos:pos + n])
@@ -469,9 +468,9 @@ class BlockStore:
         await self._room_lot.park()
 
     def _count_held(self, block: DirtyBlock) -> None:
-        """Counts a dirty block's memory again after it changed; past half the limit, the
-        flusher is woken."""
-        now = block.memory()
+        """Counts a dirty block again after it changed (an overlay grows, or becomes a whole
+        block); past half the limit, the flusher is woken."""
+        now = self.block_size if block.overlay is None else DIRTY_OVERHEAD + block.overlay.encoded_size()
         self.held_bytes += now - block.held
         block.held = now
         if self.held_bytes > self.dirty_limit // 2:
