@@ -610,11 +610,10 @@ class BlockStore:
         digests = self._digests(claimed) if here else await trio.to_thread.run_sync(self._digests, claimed)
         new: dict[bytes, tuple[int, bytes, Optional[str]]] = {}
         makers: dict[bytes, _Claim] = {}  # digest -> the claim a new object is made for
-        # a patch is seldom stored twice: not worth a lookup (a second copy is not kept)
-        known = self._objects_of({d for c, d in zip(claimed, digests) if d is not None and not c.patch})
         for claim, digest in zip(claimed, digests):
             claim.digest = digest
-            if digest is not None and digest not in new and digest not in known:
+            # a patch is seldom stored twice: not worth a lookup (a second copy is not kept)
+            if digest is not None and digest not in new and (claim.patch or self._object_of(digest) is None):
                 new[digest] = (secrets.randbits(63), claim.plain, claim.block.tag)
                 makers[digest] = claim
         items = [(object_id, plain, digest, tag) for digest, (object_id, plain, tag) in new.items()]
@@ -693,13 +692,6 @@ class BlockStore:
     def _object_of(self, digest: bytes) -> Optional[int]:
         row = self.db.one("SELECT id FROM objects WHERE digest=?", (digest,))
         return None if row is None else row[0]
-
-    def _objects_of(self, digests: set[bytes]) -> dict[bytes, int]:
-        """The objects already stored for some digests (a batch's: at most FLUSH_BATCH), in one query."""
-        if not digests:
-            return {}
-        return {digest: object_id for object_id, digest in self.db.execute(
-            f"SELECT id, digest FROM objects WHERE digest IN ({','.join('?' * len(digests))})", tuple(digests))}
 
     def _map(self, key: tuple[int, int], object_id: Optional[int], old: Optional[tuple] = None) -> tuple:
         """Points a block at an object (which already counts this reference), or makes it a
