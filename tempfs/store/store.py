@@ -598,9 +598,7 @@ class Store:
         if nlink == 0:
             self.unlinked.add(node.id)
         self._touch_folder(parent, now, -int(node.is_dir))
-        if emptied:
-            return replace(node, nlink=0, ctime_ns=now, size=0, stored_bytes=0)
-        return replace(node, nlink=nlink, ctime_ns=now)
+        return replace(node, nlink=nlink, ctime_ns=now, **({"size": 0, "stored_bytes": 0} if emptied else {}))
 
     def _touch_folder(self, ino: int, now: int, nlink_delta: int) -> None:
         self._update_kept(ino, "nlink=nlink+?, mtime_ns=?, ctime_ns=?", (nlink_delta, now, now),
