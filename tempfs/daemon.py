@@ -21,6 +21,7 @@ from . import layout
 from .config import Access, Config
 from .fs import SCHEMA_FOLDER_MODE, TempFS
 from .monitor import Monitor
+from .request_wait import RequestWait, installed
 from .space import AreaRule
 from .mounts import fusermount_unmount, set_read_ahead
 from .store import Store
@@ -111,7 +112,7 @@ def serve(store: Store, config: Config, mountpoint: Path, events_path: Optional[
     pyfuse3.init(ops, str(mountpoint), mount_options(store.path))
     monitor.event("mounted", f"mounted {store.path} at {mountpoint}", store=str(store.path),
                   mountpoint=str(mountpoint), pid=os.getpid())
-    daemon = _Daemon(store, ops, mountpoint, config.check_interval)
+    daemon = _Daemon(store, ops, mountpoint, config.check_interval, config.request_spin)
     daemon.metrics = metrics  # a metrics.MetricsServer (already listening), or None
     try:
         trio.run(daemon.run)
@@ -172,9 +173,11 @@ def _identity(store_path: Path) -> Optional[tuple[int, ...]]:
 
 
 class _Daemon:
-    def __init__(self, store: Store, ops: TempFS, mountpoint: Path, check_interval: float) -> None:
+    def __init__(self, store: Store, ops: TempFS, mountpoint: Path, check_interval: float,
+                 request_spin: float = 0.0) -> None:
         self.store = store
         self.ops = ops
+        self.request_wait = RequestWait(request_spin, busy=lambda: ops.in_flight > 0, counts=ops.monitor.totals)
         self.mountpoint = mountpoint
         self.check_interval_ns = int(check_interval * 1e9)
         self.must_unmount = True
@@ -195,7 +198,8 @@ class _Daemon:
                 await nursery.start(self.metrics.run, self.ops)
             nursery.start_soon(self._on_signals)
             nursery.start_soon(self._tune_read_ahead)
-            await pyfuse3.main()
+            with installed(self.request_wait):
+                await pyfuse3.main()
             self.must_unmount = self._terminated_by_us
             nursery.cancel_scope.cancel()
         await self._store_everything()

@@ -63,6 +63,7 @@ def _errors(method):
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
         started = time.perf_counter()
+        self.in_flight += 1
         try:
             if self.store_lost and method.__name__ in _CHANGES:
                 raise FUSEError(errno.EIO)  # said once in the log, by whoever found it lost
@@ -89,6 +90,7 @@ def _errors(method):
             log.exception("%s failed", method.__name__)
             raise FUSEError(errno.EIO) from None
         finally:
+            self.in_flight -= 1
             self.monitor.observe(method.__name__, time.perf_counter() - started)
     return wrapper
 
@@ -110,10 +112,13 @@ def _logged(method):
     """For requests that cannot answer with an errno (forget, release): log, never raise."""
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
+        self.in_flight += 1
         try:
             return await method(self, *args, **kwargs)
         except Exception:
             log.exception("%s failed", method.__name__)
+        finally:
+            self.in_flight -= 1
     return wrapper
 
 
@@ -132,6 +137,7 @@ class TempFS(pyfuse3.Operations):
         self.refusals_per_minute = alerts.refusals_per_minute
         self._refusals: dict[int, collections.deque[float]] = {}  # pid -> times of its recent refusals
         self.started = time.time()
+        self.in_flight = 0  # requests being handled (some awaiting): the request loop does not spin then
         self._lookups: Counter[int] = Counter()
         self._opens: Counter[int] = Counter()
         self._writers: Counter[int] = Counter()   # handles that may write, and truncates under way

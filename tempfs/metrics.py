@@ -220,6 +220,15 @@ def render(snap: dict) -> Iterator[Metric]:
     yield CounterMetricFamily("tempfs_patches_stored", "Changes to part of a stored block stored as a patch over "
                               "it, instead of loading and storing the whole block.", value=snap["patches_stored"])
 
+    waits = CounterMetricFamily("tempfs_request_waits", "Waits for the next FUSE request, by how they ended: "
+                                "ready (one was waiting), spun (it came while the daemon looked for it), slept.",
+                                labels=["how"])
+    for how in ("ready", "spun", "slept"):
+        waits.add_metric([how], totals.get(f"waits_{how}", 0))
+    yield waits
+    yield CounterMetricFamily("tempfs_request_spin_seconds", "CPU time spent looking for the next request instead "
+                              "of sleeping ([requests] spin).", value=totals.get("spin_ns", 0) / 1e9)
+
     histogram = HistogramMetricFamily("tempfs_operation_seconds", "Time to answer a FUSE request, per operation.",
                                       labels=["op"])
     for op, (cumulative, total) in sorted(snap["latency"].items()):

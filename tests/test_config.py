@@ -118,12 +118,19 @@ def test_config_is_frozen() -> None:
     assert hash(config) == hash(default_config())
 
 
+@pytest.mark.parametrize("text, seconds", [("", 50e-6), ('spin = "200us"', 200e-6), ('spin = "0"', 0.0),
+                                           ("spin = 0", 0.0), ('spin = "10ms"', 0.01)])
+def test_the_request_spin_is_a_short_duration_or_0(tmp_path: Path, text: str, seconds: float) -> None:
+    assert load_config(write(tmp_path, f"[requests]\n{text}\n")).request_spin == pytest.approx(seconds)
+
+
 # ---------------------------------------------------------------- units
 
 
 @pytest.mark.parametrize("text, seconds", [
     ("90s", 90), ("30m", 1800), ("24h", 86400), ("7d", 604800), ("1.5h", 5400),
     ("12H", 43200), (" 2 h ", 7200), ("45", 45), (45, 45), (0.5, 0.5), (".5m", 30),
+    ("250ms", 0.25), ("50us", 50e-6),
 ])
 def test_parse_duration(text: str | int | float, seconds: float) -> None:
     assert parse_duration(text) == seconds
@@ -234,6 +241,9 @@ def test_bare_numbers_are_seconds_and_bytes_with_a_warning(tmp_path: Path, caplo
     ('[policy."cache/models"]\nmax_size = [1]\n', 'line 2: policy."cache/models".max_size: [1] is not a size'),
     ('[memory]\ndirty_limit = "256MB"\ncache_limit = "lots"\n', "line 3: memory.cache_limit: 'lots' is not a size"),
     ('[policy]\ncache = { max_age = "soon" }\n', "line 2: policy.cache.max_age: 'soon' is not a duration"),
+    ('[requests]\nspin = "20ms"\n', "line 2: requests.spin: '20ms' is longer than 10ms, which would keep a core busy"),
+    ('[requests]\nspin = "fast"\n', "line 2: requests.spin: 'fast' is not a duration"),
+    ('[requests]\nspinning = "50us"\n', "line 2: requests.spinning: unknown key in [requests] (did you mean spin?"),
     # unknown names
     ('[policy.cache]\nmax_sise = "1GB"\n', "line 2: policy.cache.max_sise: unknown policy key (did you mean max_size?"),
     ('[memory]\n\ndirty = "1GB"\n', "line 3: memory.dirty: unknown key in [memory]"),

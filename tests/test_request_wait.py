@@ -1,0 +1,159 @@
+"""The request loop's wait (tempfs/request_wait.py): it takes a waiting request at once, spins
+for one that comes soon, sleeps while a request is being handled, stops spinning when spins find
+nothing and starts again when one does; through a real mount, `[requests] spin` sets it."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pyfuse3
+import pytest
+import trio
+
+from tempfs import request_wait
+from tempfs.request_wait import MISSES, PROBE_EVERY, RequestWait, installed
+from test_metrics import free_port, scrape_ready, value
+
+MS = 1e-3
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe()
+    yield r, w
+    for fd in (r, w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def write_later(fd: int, delay: float) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(delay), os.write(fd, b"x")))
+    thread.start()
+    return thread
+
+
+def wait_once(wait: RequestWait, fd: int) -> None:
+    trio.run(wait.wait_readable, fd)
+    os.read(fd, 1)
+
+
+def test_a_waiting_request_is_taken_without_spinning_or_sleeping(pipe):
+    r, w = pipe
+    wait = RequestWait(spin=50 * MS)
+    os.write(w, b"x")
+    wait_once(wait, r)
+    assert wait.counts == {"waits_ready": 1}
+
+
+def test_a_request_that_comes_during_the_spin_is_taken_without_sleeping(pipe):
+    r, w = pipe
+    wait = RequestWait(spin=2.0)
+    writer = write_later(w, 20 * MS)
+    wait_once(wait, r)
+    writer.join()
+    assert wait.counts["waits_spun"] == 1 and wait.counts["waits_slept"] == 0
+    assert 15 * MS < wait.counts["spin_ns"] / 1e9 < 2.0  # it stopped when the request came
+
+
+def test_while_a_request_is_being_handled_it_sleeps_at_once(pipe):
+    r, w = pipe
+    wait = RequestWait(spin=2.0, busy=lambda: True)
+    writer = write_later(w, 20 * MS)
+    wait_once(wait, r)
+    writer.join()
+    assert wait.counts == {"waits_slept": 1}
+
+
+def test_without_a_spin_it_sleeps(pipe):
+    r, w = pipe
+    wait = RequestWait(spin=0.0)
+    writer = write_later(w, 5 * MS)
+    wait_once(wait, r)
+    writer.join()
+    assert wait.counts == {"waits_slept": 1}
+
+
+def test_spins_that_find_nothing_stop_spinning_until_a_probe_finds_a_request(pipe):
+    r, w = pipe
+    wait = RequestWait(spin=1 * MS)
+
+    async def requests_after_each_spin(n: int) -> None:
+        for _ in range(n):  # the request comes once the waiter sleeps, always too late for a spin
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait.wait_readable, r)
+                await trio.sleep(2 * MS)
+                os.write(w, b"x")
+            os.read(r, 1)
+
+    trio.run(requests_after_each_spin, MISSES)
+    assert wait.counts["waits_slept"] == MISSES and wait.counts["waits_spun"] == 0
+    spun_ns = wait.counts["spin_ns"]
+    assert spun_ns >= MISSES * 1 * MS * 1e9
+
+    trio.run(requests_after_each_spin, PROBE_EVERY - 1)  # stopped: these sleep at once
+    assert wait.counts["spin_ns"] == spun_ns
+
+    wait.spin = 2.0  # the probe: this one spins, and a request comes during it
+    writer = write_later(w, 20 * MS)
+    wait_once(wait, r)
+    writer.join()
+    assert wait.counts["waits_spun"] == 1
+
+    writer = write_later(w, 20 * MS)  # spinning again from the next wait on
+    wait_once(wait, r)
+    writer.join()
+    assert wait.counts["waits_spun"] == 2
+
+
+def test_a_closed_device_polls_ready_so_the_loop_reads_it_and_ends(pipe):
+    r, w = pipe
+    os.close(w)  # as an unmounted FUSE device, it reads as ready (and then fails or ends)
+    wait = RequestWait(spin=2.0)
+    trio.run(wait.wait_readable, r)
+    assert wait.counts == {"waits_ready": 1}
+
+
+def test_pyfuse3_sees_trio_but_for_the_wait_and_gets_trio_back_after():
+    wait = RequestWait(spin=50 * MS)
+    with pytest.raises(RuntimeError):
+        with installed(wait):
+            assert pyfuse3.trio.lowlevel.wait_readable == wait.wait_readable
+            assert pyfuse3.trio.Lock is trio.Lock
+            assert pyfuse3.trio.lowlevel.current_task is trio.lowlevel.current_task
+            assert pyfuse3.trio.open_nursery is trio.open_nursery
+            raise RuntimeError("the loop ended with an error")
+    assert pyfuse3.trio is trio
+    assert request_wait.trio is trio
+
+
+# ------------------------------------------------------------------ a real mount
+
+def requests_through(m, files: int) -> bytes:
+    """Creates, reads back and deletes small files, one request at a time."""
+    data = os.urandom(4096)
+    folder = m.path("cache/data")
+    for i in range(files):
+        (folder / f"f{i}").write_bytes(data)
+    for i in range(files):
+        assert (folder / f"f{i}").read_bytes() == data
+        os.unlink(folder / f"f{i}")
+    return data
+
+
+@pytest.mark.parametrize("spin", ["5ms", "0"])
+def test_the_config_sets_the_spin_and_metrics_show_how_each_wait_ended(make_mount, spin):
+    port = free_port()
+    m = make_mount(f'[requests]\nspin = "{spin}"\n', extra=("--metrics-addr", f"127.0.0.1:{port}"))
+    requests_through(m, 200)
+    samples = scrape_ready(port)
+    waits = {how: value(samples, "tempfs_request_waits_total", how=how) for how in ("ready", "spun", "slept")}
+    spun_seconds = value(samples, "tempfs_request_spin_seconds_total")
+    assert sum(waits.values()) >= 200 * 5  # lookup, create, write, release, ... per file
+    if spin == "0":
+        assert waits["spun"] == 0 and spun_seconds == 0
+    else:
+        assert waits["spun"] > 0 and spun_seconds > 0
+    assert not list(m.path("cache/data").iterdir())
