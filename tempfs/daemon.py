@@ -177,7 +177,7 @@ class _Daemon:
                  request_spin: float = 0.0) -> None:
         self.store = store
         self.ops = ops
-        self.request_wait = RequestWait(request_spin, busy=lambda: ops.in_flight > 0, counts=ops.monitor.totals)
+        self.request_spin = request_spin
         self.mountpoint = mountpoint
         self.check_interval_ns = int(check_interval * 1e9)
         self.must_unmount = True
@@ -198,11 +198,18 @@ class _Daemon:
                 await nursery.start(self.metrics.run, self.ops)
             nursery.start_soon(self._on_signals)
             nursery.start_soon(self._tune_read_ahead)
-            with installed(self.request_wait):
+            with installed(self._request_wait()):
                 await pyfuse3.main()
             self.must_unmount = self._terminated_by_us
             nursery.cancel_scope.cancel()
         await self._store_everything()
+
+    def _request_wait(self) -> RequestWait:
+        """Spinning for the next request while a handler or a worker thread works would hold
+        back their wake-ups (a worker's result reaches its task through the trio loop)."""
+        threads = trio.to_thread.current_default_thread_limiter()
+        return RequestWait(self.request_spin, busy=lambda: self.ops.in_flight > 0 or threads.borrowed_tokens > 0,
+                           counts=self.ops.monitor.totals)
 
     _terminated_by_us = False
     metrics = None

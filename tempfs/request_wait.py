@@ -7,15 +7,16 @@ tens of microseconds after the reply, and waking a sleeping thread costs about a
 a VM, as much as tempfs's own work on a small request. So the wait installed here:
 
 - returns at once when a request is already waiting (one `poll` with no timeout);
-- otherwise, unless a request is being handled (`busy()`), polls the device again and again for
-  up to `spin` seconds before it sleeps as before;
+- otherwise, unless the loop has work under way (`busy()`: a request being handled, a worker
+  thread working), polls the device again and again for up to `spin` seconds before it sleeps
+  as before;
 - stops spinning after MISSES spins in a row found nothing (a client that thinks between its
   requests would otherwise cost `spin` of CPU per request), and then tries one spin every
   PROBE_EVERY waits, which turns it back on when a request comes in time.
 
 What it keeps: the trio loop still runs between two requests (pyfuse3 takes a trio lock before
-each wait, which is a checkpoint); it never spins while a handler awaits a worker thread or a
-lock, whose wake-up a spin would hold back; a spin lasts at most `spin`. A closed or unmounted
+each wait, which is a checkpoint); it never spins while `busy()` says a wake-up is coming that a
+spin would hold back; a spin lasts at most `spin`. A closed or unmounted
 device polls as ready, so pyfuse3 reads it and ends its loop as it would after epoll.
 
 It goes in through the module attribute `pyfuse3.trio`, the hook `pyfuse3.asyncio` uses too,

@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
+from types import SimpleNamespace
 
 import pyfuse3
 import pytest
 import trio
 
 from tempfs import request_wait
+from tempfs.daemon import _Daemon
 from tempfs.request_wait import MISSES, PROBE_EVERY, RequestWait, installed
 from test_metrics import free_port, scrape_ready, value
 
@@ -157,3 +160,24 @@ def test_the_config_sets_the_spin_and_metrics_show_how_each_wait_ended(make_moun
     else:
         assert waits["spun"] > 0 and spun_seconds > 0
     assert not list(m.path("cache/data").iterdir())
+
+
+def test_the_daemon_counts_a_handler_or_a_worker_thread_at_work_as_busy():
+    ops = SimpleNamespace(in_flight=0, monitor=SimpleNamespace(totals=Counter()))
+    daemon = _Daemon(store=None, ops=ops, mountpoint=None, check_interval=1.0, request_spin=50e-6)
+
+    async def main() -> None:
+        wait = daemon._request_wait()
+        assert not wait.busy()
+        ops.in_flight = 1
+        assert wait.busy()
+        ops.in_flight = 0
+        release = threading.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, release.wait)
+            await trio.sleep(0.05)
+            assert wait.busy()
+            release.set()
+        assert not wait.busy()
+
+    trio.run(main)
