@@ -6,7 +6,8 @@ any filesystem served by pyfuse3's request loop on this machine (bench.py's `pym
 
 It answers like tempfs where that changes which requests the kernel sends: the same attribute
 and entry timeouts, `flush` refused once with ENOSYS, `getxattr` answered (no attribute), and
-the kernel's page cache kept across opens. Nothing is encrypted, stored or counted.
+the kernel's page cache kept across opens; it waits for requests as tempfs does (tempfs's
+request_wait, with its default spin). Nothing is encrypted, stored or counted.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import time
 
 import pyfuse3
 import trio
+
+from tempfs.config import DEFAULT_REQUEST_SPIN
+from tempfs.request_wait import RequestWait, installed
 
 TIMEOUT = 300.0  # tempfs's KERNEL_CACHE_SECONDS
 
@@ -188,7 +192,8 @@ def main() -> None:
         sys.exit(__doc__)
     pyfuse3.init(MemFS(), sys.argv[1], {"fsname=memfs", "default_permissions"})
     try:
-        trio.run(pyfuse3.main)
+        with installed(RequestWait(DEFAULT_REQUEST_SPIN)):  # no handler of its own ever waits
+            trio.run(pyfuse3.main)
     finally:
         pyfuse3.close(unmount=True)
 
