@@ -71,7 +71,7 @@ _DEFAULT_CACHE_LIMIT = 64 * MiB
 _DEFAULT_MIN_FREE = 256 * MiB
 _DEFAULT_CHECK_INTERVAL = 7 * 24 * _HOUR  # the seed's weekly whole-tree cleanup
 # After answering a request the daemon polls for the next one this long before it sleeps: waking
-# a sleeping thread costs about as much as a small request (create 1.5x, random writes 1.2x)
+# a sleeping thread costs about as much as a small request (stat 1.3-1.7x, create 1.1x; README)
 DEFAULT_REQUEST_SPIN = 50e-6
 MAX_REQUEST_SPIN = 10e-3
 
@@ -370,7 +370,8 @@ interval = "{check}"
 [requests]
 # spin: after answering a request, how long the daemon keeps looking for the next one before it
 # sleeps (waking it costs about as much as a small request). It never spins while a request is
-# being handled, and stops after a few spins in a row that found nothing. 0: sleep at once.
+# being handled or a worker thread works, and stops after 8 spins in a row that found nothing
+# (a program that pauses between its requests costs up to one spin per pause). 0: sleep at once.
 spin = "{spin}"
 
 [alerts]

@@ -206,9 +206,14 @@ class _Daemon:
 
     def _request_wait(self) -> RequestWait:
         """Spinning for the next request while a handler or a worker thread works would hold
-        back their wake-ups (a worker's result reaches its task through the trio loop)."""
+        back their wake-ups (a worker's result reaches its task through the trio loop). On one
+        CPU the program cannot send its next request while the daemon spins."""
+        spin = self.request_spin
+        if spin and len(os.sched_getaffinity(0)) < 2:
+            log.info("one CPU to run on: the daemon sleeps between requests ([requests] spin ignored)")
+            spin = 0.0
         threads = trio.to_thread.current_default_thread_limiter()
-        return RequestWait(self.request_spin, busy=lambda: self.ops.in_flight > 0 or threads.borrowed_tokens > 0,
+        return RequestWait(spin, busy=lambda: self.ops.in_flight > 0 or threads.borrowed_tokens > 0,
                            counts=self.ops.monitor.totals)
 
     _terminated_by_us = False

@@ -16,6 +16,7 @@ import trio
 from tempfs import request_wait
 from tempfs.daemon import _Daemon
 from tempfs.request_wait import MISSES, PROBE_EVERY, RequestWait, installed
+from conftest import run_script
 from test_metrics import free_port, scrape_ready, value
 
 MS = 1e-3
@@ -181,3 +182,30 @@ def test_the_daemon_counts_a_handler_or_a_worker_thread_at_work_as_busy():
         assert not wait.busy()
 
     trio.run(main)
+
+
+def test_the_paced_benchmark_measures_a_mount_and_leaves_nothing(make_mount, tmp_path):
+    (tmp_path / "script").mkdir()
+    m = make_mount()
+    r, figures = run_script("bench_paced.py", str(m.path("cache/data")), "--pid", str(m.pid), "--pauses", "0,100",
+                            "--loops", "200", tmp_path=tmp_path / "script")
+    assert r.returncode == 0, r.stderr
+    for pause in ("0", "100"):
+        assert float(figures[f"pause_{pause}us"]) > 0 and float(figures[f"pause_{pause}us_daemon_cpu"]) >= 0
+    assert float(figures["pause_100us"]) < 1e6 / 100  # the pause is kept
+    assert not list(m.path("cache/data").iterdir())
+
+
+def test_on_one_cpu_the_daemon_sleeps_between_requests(make_mount):
+    port = free_port()
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # the daemon inherits it
+    try:
+        m = make_mount('[requests]\nspin = "5ms"\n', extra=("--metrics-addr", f"127.0.0.1:{port}"))
+    finally:
+        os.sched_setaffinity(0, allowed)
+    requests_through(m, 50)
+    samples = scrape_ready(port)
+    assert value(samples, "tempfs_request_waits_total", how="spun") == 0
+    assert value(samples, "tempfs_request_spin_seconds_total") == 0
+    assert "one CPU to run on" in m.log_text()
