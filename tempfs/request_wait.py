@@ -83,7 +83,10 @@ class RequestWait:
             if clock() >= deadline:
                 break
         self.counts["spin_ns"] += int((clock() - start) * 1e9)
-        self._misses = 0 if came else self._misses + 1
+        if came:
+            self._misses = self._waits_stopped = 0
+        else:
+            self._misses += 1
         return came
 
 

@@ -33,15 +33,20 @@ def pipe():
             pass
 
 
-def write_later(fd: int, delay: float) -> threading.Thread:
-    thread = threading.Thread(target=lambda: (time.sleep(delay), os.write(fd, b"x")))
-    thread.start()
-    return thread
-
-
 def wait_once(wait: RequestWait, fd: int) -> None:
     trio.run(wait.wait_readable, fd)
     os.read(fd, 1)
+
+
+def wait_for_late_request(wait: RequestWait, pipe: tuple[int, int], delay: float) -> None:
+    """One wait, for a request (a byte in the pipe) that another thread sends `delay` later."""
+    r, w = pipe
+    writer = threading.Thread(target=lambda: (time.sleep(delay), os.write(w, b"x")))
+    writer.start()
+    try:
+        wait_once(wait, r)
+    finally:
+        writer.join()
 
 
 def test_a_waiting_request_is_taken_without_spinning_or_sleeping(pipe):
@@ -53,30 +58,21 @@ def test_a_waiting_request_is_taken_without_spinning_or_sleeping(pipe):
 
 
 def test_a_request_that_comes_during_the_spin_is_taken_without_sleeping(pipe):
-    r, w = pipe
     wait = RequestWait(spin=2.0)
-    writer = write_later(w, 20 * MS)
-    wait_once(wait, r)
-    writer.join()
+    wait_for_late_request(wait, pipe, 20 * MS)
     assert wait.counts["waits_spun"] == 1 and wait.counts["waits_slept"] == 0
     assert 15 * MS < wait.counts["spin_ns"] / 1e9 < 2.0  # it stopped when the request came
 
 
 def test_while_a_request_is_being_handled_it_sleeps_at_once(pipe):
-    r, w = pipe
     wait = RequestWait(spin=2.0, busy=lambda: True)
-    writer = write_later(w, 20 * MS)
-    wait_once(wait, r)
-    writer.join()
+    wait_for_late_request(wait, pipe, 20 * MS)
     assert wait.counts == {"waits_slept": 1}
 
 
 def test_without_a_spin_it_sleeps(pipe):
-    r, w = pipe
     wait = RequestWait(spin=0.0)
-    writer = write_later(w, 5 * MS)
-    wait_once(wait, r)
-    writer.join()
+    wait_for_late_request(wait, pipe, 5 * MS)
     assert wait.counts == {"waits_slept": 1}
 
 
@@ -101,14 +97,10 @@ def test_spins_that_find_nothing_stop_spinning_until_a_probe_finds_a_request(pip
     assert wait.counts["spin_ns"] == spun_ns
 
     wait.spin = 2.0  # the probe: this one spins, and a request comes during it
-    writer = write_later(w, 20 * MS)
-    wait_once(wait, r)
-    writer.join()
+    wait_for_late_request(wait, pipe, 20 * MS)
     assert wait.counts["waits_spun"] == 1
 
-    writer = write_later(w, 20 * MS)  # spinning again from the next wait on
-    wait_once(wait, r)
-    writer.join()
+    wait_for_late_request(wait, pipe, 20 * MS)  # spinning again from the next wait on
     assert wait.counts["waits_spun"] == 2
 
 
