@@ -19,12 +19,20 @@ each wait, which is a checkpoint); it never spins while `busy()` says a wake-up 
 spin would hold back; a spin lasts at most `spin`. A closed or unmounted
 device polls as ready, so pyfuse3 reads it and ends its loop as it would after epoll.
 
+pyfuse3's read lock (a trio Lock, which pyfuse3's reader tasks take around each wait) is
+replaced too, by ReaderLock: trio's Lock hands itself to the waiting reader at every release and
+takes a checkpoint at every acquire, so every request cost a pass of trio's scheduler and a
+switch between pyfuse3's two reader tasks. ReaderLock lets the task that just answered a request
+read the next one, and takes a checkpoint (where trio's other tasks run) when the last one is
+CHECKPOINT_EVERY old.
+
 It goes in through the module attribute `pyfuse3.trio`, the hook `pyfuse3.asyncio` uses too,
 and only for the life of the loop (`installed`).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import select
 import time
 from collections import Counter
@@ -35,6 +43,7 @@ import trio
 
 MISSES = 8          # spins in a row that found nothing before spinning stops
 PROBE_EVERY = 64    # while stopped, one wait in this many spins again
+CHECKPOINT_EVERY = 1e-3  # seconds: how long trio's other tasks may wait for a stream of requests
 
 
 class RequestWait:
@@ -90,6 +99,34 @@ class RequestWait:
         return came
 
 
+class ReaderLock:
+    """The lock pyfuse3's reader tasks take around each wait for a request (`async with`). Free,
+    it is taken without yielding unless the last checkpoint is CHECKPOINT_EVERY old; released,
+    it wakes one waiting task, which takes it if it is still free when that task runs (so the
+    task that released it may take it again first)."""
+
+    def __init__(self) -> None:
+        self._owner: Optional[trio.lowlevel.Task] = None
+        self._waiting = trio.lowlevel.ParkingLot()
+        self._checkpointed = -math.inf
+
+    async def __aenter__(self) -> None:
+        task = trio.lowlevel.current_task()
+        if self._owner is None and time.perf_counter() - self._checkpointed < CHECKPOINT_EVERY:
+            self._owner = task
+            return
+        await trio.lowlevel.checkpoint()
+        self._checkpointed = time.perf_counter()
+        while self._owner is not None:
+            await self._waiting.park()
+        self._owner = task
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._owner = None
+        if self._waiting:
+            self._waiting.unpark()
+
+
 class _Lowlevel:
     """trio.lowlevel with `wait_readable` replaced."""
 
@@ -101,7 +138,9 @@ class _Lowlevel:
 
 
 class _Trio:
-    """The trio module as pyfuse3 sees it: trio, but for `lowlevel.wait_readable`."""
+    """The trio module as pyfuse3 sees it: trio, but for `Lock` and `lowlevel.wait_readable`."""
+
+    Lock = ReaderLock
 
     def __init__(self, wait: RequestWait) -> None:
         self.lowlevel = _Lowlevel(wait)

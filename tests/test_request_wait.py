@@ -15,7 +15,7 @@ import trio
 
 from tempfs import request_wait
 from tempfs.daemon import _Daemon
-from tempfs.request_wait import MISSES, PROBE_EVERY, RequestWait, installed
+from tempfs.request_wait import MISSES, PROBE_EVERY, ReaderLock, RequestWait, installed
 from conftest import run_script
 from test_metrics import free_port, scrape_ready, value
 
@@ -112,12 +112,57 @@ def test_a_closed_device_polls_ready_so_the_loop_reads_it_and_ends(pipe):
     assert wait.counts == {"waits_ready": 1}
 
 
+def test_the_reader_lock_is_held_by_one_task_and_goes_to_a_waiter_when_its_holder_blocks():
+    order = []
+
+    async def reader(lock: ReaderLock, name: str, hold: float) -> None:
+        async with lock:
+            order.append(f"{name} in")
+            await trio.sleep(hold)
+            order.append(f"{name} out")
+
+    async def main() -> None:
+        lock = ReaderLock()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader, lock, "a", 0.05)
+            await trio.sleep(0.01)
+            nursery.start_soon(reader, lock, "b", 0)
+            await trio.sleep(0.01)
+            assert order == ["a in"]  # b waits for it
+        assert order == ["a in", "a out", "b in", "b out"]
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("every, others_ran_meanwhile", [(10.0, False), (0.0, True)])
+def test_the_reader_lock_takes_a_checkpoint_only_when_the_last_is_old(monkeypatch, every, others_ran_meanwhile):
+    monkeypatch.setattr(request_wait, "CHECKPOINT_EVERY", every)
+    ran = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async def main() -> None:
+        lock = ReaderLock()
+        async with trio.open_nursery() as nursery:
+            async with lock:  # the first one always takes a checkpoint
+                pass
+            nursery.start_soon(other)
+            for _ in range(100):  # a task answering request after request
+                async with lock:
+                    pass
+            assert ran == (["other"] if others_ran_meanwhile else [])
+        assert ran == ["other"]
+
+    trio.run(main)
+
+
 def test_pyfuse3_sees_trio_but_for_the_wait_and_gets_trio_back_after():
     wait = RequestWait(spin=50 * MS)
     with pytest.raises(RuntimeError):
         with installed(wait):
             assert pyfuse3.trio.lowlevel.wait_readable == wait.wait_readable
-            assert pyfuse3.trio.Lock is trio.Lock
+            assert pyfuse3.trio.Lock is ReaderLock
             assert pyfuse3.trio.lowlevel.current_task is trio.lowlevel.current_task
             assert pyfuse3.trio.open_nursery is trio.open_nursery
             raise RuntimeError("the loop ended with an error")
