@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from tempfs import request_wait
 from tempfs.daemon import _Daemon
@@ -115,20 +116,22 @@ def test_a_closed_device_polls_ready_so_the_loop_reads_it_and_ends(pipe):
 def test_the_reader_lock_is_held_by_one_task_and_goes_to_a_waiter_when_its_holder_blocks():
     order = []
 
-    async def reader(lock: ReaderLock, name: str, hold: float) -> None:
+    async def reader(lock: ReaderLock, name: str, until: trio.Event) -> None:
         async with lock:
             order.append(f"{name} in")
-            await trio.sleep(hold)
+            await until.wait()  # a handler awaiting something, with the lock held
             order.append(f"{name} out")
 
     async def main() -> None:
-        lock = ReaderLock()
+        lock, release, free = ReaderLock(), trio.Event(), trio.Event()
+        free.set()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader, lock, "a", 0.05)
-            await trio.sleep(0.01)
-            nursery.start_soon(reader, lock, "b", 0)
-            await trio.sleep(0.01)
-            assert order == ["a in"]  # b waits for it
+            nursery.start_soon(reader, lock, "a", release)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(reader, lock, "b", free)
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == ["a in"]  # b waits for the lock
+            release.set()
         assert order == ["a in", "a out", "b in", "b out"]
 
     trio.run(main)
