@@ -106,23 +106,22 @@ class ReaderLock:
     task that released it may take it again first)."""
 
     def __init__(self) -> None:
-        self._owner: Optional[trio.lowlevel.Task] = None
+        self._held = False
         self._waiting = trio.lowlevel.ParkingLot()
         self._checkpointed = -math.inf
 
     async def __aenter__(self) -> None:
-        task = trio.lowlevel.current_task()
-        if self._owner is None and time.perf_counter() - self._checkpointed < CHECKPOINT_EVERY:
-            self._owner = task
+        if not self._held and time.perf_counter() - self._checkpointed < CHECKPOINT_EVERY:
+            self._held = True
             return
         await trio.lowlevel.checkpoint()
         self._checkpointed = time.perf_counter()
-        while self._owner is not None:
+        while self._held:
             await self._waiting.park()
-        self._owner = task
+        self._held = True
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        self._owner = None
+        self._held = False
         if self._waiting:
             self._waiting.unpark()
 
