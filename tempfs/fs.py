@@ -747,7 +747,8 @@ class TempFS(pyfuse3.Operations):
         return {
             "pid": os.getpid(), "version": __version__, "uptime_seconds": round(time.time() - self.started, 1),
             "store": str(self.store.path), "key": self.key_path, "rss_bytes": _rss_bytes(),
-            "dirty_bytes": blocks.dirty_bytes, "cache_hit_rate": round(blocks.hits / reads, 3) if reads else None,
+            "dirty_bytes": blocks.dirty_bytes, "reclaiming_files": len(self.store.reclaiming),
+            "cache_hit_rate": round(blocks.hits / reads, 3) if reads else None,
             "page_cache_filled_bytes": self.page_cache.stored_bytes,
             "page_cache_dropped_bytes": self.page_cache.dropped_bytes, "patches_stored": blocks.patches_stored,
             **per_second,

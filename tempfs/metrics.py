@@ -93,6 +93,7 @@ def take_snapshot(ops: Any) -> dict:
         "page_cache_filled_bytes": ops.page_cache.stored_bytes,
         "patches_stored": blocks.patches_stored,
         "dirty_bytes": blocks.dirty_bytes,
+        "reclaiming_files": len(ops.store.reclaiming),
         "alerts_active": len(monitor.active_alerts),
         "disk_free_bytes": max(0, space.free_bytes()),
     }
@@ -237,6 +238,8 @@ def render(snap: dict) -> Iterator[Metric]:
 
     yield GaugeMetricFamily("tempfs_dirty_bytes", "Written data held in memory, not yet stored.",
                             value=snap["dirty_bytes"])
+    yield GaugeMetricFamily("tempfs_reclaiming_files", "Deleted files whose stored content waits for the reclaimer "
+                            "(it still counts in their area).", value=snap["reclaiming_files"])
     yield GaugeMetricFamily("tempfs_alerts_active", "Alerts raised and not yet cleared.", value=snap["alerts_active"])
     yield GaugeMetricFamily("tempfs_disk_free_bytes", "Free bytes on the disk under the store.",
                             value=snap["disk_free_bytes"])

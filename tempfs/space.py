@@ -130,6 +130,10 @@ class Space:
         limit = self.limit(area)
         if limit is None or self._load(area) + need <= limit:
             return
+        if self.store.reclaiming:
+            self.store.reclaim()  # deleted files count until the reclaimer frees what they held
+            if self._load(area) + need <= limit:
+                return
         if need <= limit:
             await self.store.blocks.flush_tagged(area)  # pending data now counts at its stored size
         evicted = 0

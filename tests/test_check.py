@@ -601,6 +601,6 @@ def _delete(store: Store, ino: int) -> None:
     object_id = store.db.one("SELECT object FROM blocks WHERE inode=? AND blockno=1", (ino,))[0]
     stored, parent = store.db.one("SELECT name, parent FROM entries WHERE inode=?", (ino,))
     store.unlink(parent, store.names.plain_name(parent, stored), want_dir=False)
-    store.remove_inode(ino)
+    store.destroy_inode(ino)
     store.commit_now()
     assert store.db.one("SELECT 1 FROM objects WHERE id=?", (object_id,)) is None

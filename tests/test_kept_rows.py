@@ -90,8 +90,8 @@ class Tree:
                 self.seen.add(store.make(leaf, name, stat.S_IFLNK | 0o777, UID, GID, target=b"../x" * n).id)
             elif op == "link" and ino is not None:
                 store.link(ino, leaf, other)
-            elif op == "unlink":
-                store.unlink(leaf, name, want_dir=False)
+            elif op == "unlink":  # as if not open (its content goes, with the reclaimer) when n is even
+                store.unlink(leaf, name, want_dir=False, discard=n % 2 == 0)
             elif op == "rmdir":
                 store.unlink(leaf, name, want_dir=True)
             elif op == "rename":
@@ -114,6 +114,8 @@ class Tree:
                 store.expire(ino)
             elif op == "remove" and store.unlinked:  # the kernel forgot one without a name left
                 store.remove_inode(sorted(store.unlinked)[n % len(store.unlinked)])
+            elif op == "reclaim":
+                store.reclaim(n or None)
             elif op == "rollback":
                 store.db.execute("SAVEPOINT s")
                 store.set_attrs(store.lookup(leaf, name) or leaf, uid=n)
@@ -166,7 +168,8 @@ class Tree:
 
 # files and their content more often than the rest
 OPS = ["file", "file", "dir", "symlink", "link", "unlink", "rmdir", "rename", "write", "write", "write",
-       "zeros", "truncate", "sync", "sync", "attrs", "ttl", "xattr", "expire", "remove", "rollback"]
+       "zeros", "truncate", "sync", "sync", "attrs", "ttl", "xattr", "expire", "remove", "reclaim",
+       "rollback"]
 STEPS = st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 7), st.integers(0, 7), st.integers(0, 4)),
                  min_size=10, max_size=50)
 
@@ -177,6 +180,8 @@ STEPS = st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 7), st.integers(
 @example(steps=[("file", 0, 0, 0), ("write", 0, 0, 2), ("sync", 0, 0, 0), ("zeros", 0, 0, 0), ("sync", 0, 0, 0)])
 @example(steps=[("file", 0, 0, 0), ("write", 0, 0, 2), ("sync", 0, 0, 0), ("write", 0, 0, 2), ("sync", 0, 0, 0)])  # a patch
 @example(steps=[("file", 0, 0, 0), ("xattr", 0, 0, 2), ("unlink", 0, 0, 0), ("remove", 0, 0, 0)])
+@example(steps=[("file", 0, 0, 0), ("write", 0, 0, 2), ("sync", 0, 0, 0), ("unlink", 0, 0, 0), ("reclaim", 0, 0, 0),
+                ("remove", 0, 0, 0), ("reclaim", 0, 0, 1)])
 def test_every_answer_from_kept_rows_is_what_the_database_holds(steps):
     with tempfile.TemporaryDirectory() as where:
         tree = Tree(Path(where) / "store")
@@ -248,13 +253,15 @@ def test_a_deleted_file_the_kernel_still_knows_frees_its_blocks_once_in_few_stat
     trio.run(store.sync)
     statements = executed_statements(store.db)
     node = store.unlink(leaf, b"f", want_dir=False, discard=True)  # not open: what fs does
-    assert (node.nlink, node.size, node.stored_bytes) == (0, 0, 0)
-    store.discard_content(node)  # fs asks again once the name is gone: nothing left to do
+    assert node.nlink == 0 and ino in store.reclaiming
+    store.discard_content(node)  # fs asks again once the name is gone: nothing more to do
+    assert store.reclaim() == 1  # the reclaimer frees the content
     assert store.inode(ino).size == 0
     store.remove_inode(ino)  # the kernel forgot it
+    assert store.reclaim() == 1
     assert sum(sql.startswith("DELETE FROM blocks") for sql in statements) == 1
-    # the link count and the size in one statement; each last reference dropped in one
-    assert sum(sql.startswith("UPDATE inodes") and "WHERE id=?" in sql for sql in statements) == 2  # + the folder
+    # the link count, then the size; each last reference dropped in one
+    assert sum(sql.startswith("UPDATE inodes") and "WHERE id=?" in sql for sql in statements) == 3  # + the folder
     assert sum(sql.startswith("DELETE FROM objects") for sql in statements) == 3
     assert not any(sql.startswith("UPDATE objects") for sql in statements)
     assert store.db.one("SELECT COUNT(*) FROM blocks WHERE inode=?", (ino,)) == (0,)

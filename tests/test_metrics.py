@@ -231,6 +231,7 @@ def fake_ops(hits=3):
         space=SimpleNamespace(rules={"cache": None, "sessions": None}, evicted=Counter(cache=1),
                               limit=lambda area: 1000 if area == "cache" else None, free_bytes=lambda: 5000),
         store=SimpleNamespace(blocks=SimpleNamespace(hits=hits, misses=1, dirty_bytes=7, patches_stored=6),
+                              reclaiming=[5, 6, 9],
                               usage=lambda: {"areas": {"cache": {"files": 2, "logical_bytes": 30, "stored_bytes": 20},
                                                        "sessions": {"files": 0, "logical_bytes": 0,
                                                                     "stored_bytes": 0}},
@@ -267,6 +268,7 @@ def test_render_of_a_snapshot():
     assert value(samples, "tempfs_page_cache_filled_bytes_total") == 8192
     assert value(samples, "tempfs_patches_stored_total") == 6
     assert value(samples, "tempfs_dirty_bytes") == 7
+    assert value(samples, "tempfs_reclaiming_files") == 3
     assert value(samples, "tempfs_alerts_active") == 1
     assert value(samples, "tempfs_disk_free_bytes") == 5000
     assert value(samples, "tempfs_operation_seconds_count", op="write") == 2

@@ -297,9 +297,12 @@ def test_link_and_unlink_counts(store, clock):
     assert store.lookup(d.id, b"f") is None
     node = store.unlink(sub.id, b"g", want_dir=False)
     assert node.nlink == 0
-    # the inode row stays until the layer above says nobody holds it any more
+    # the inode row stays until the layer above says nobody holds it any more, and then until
+    # the reclaimer frees it
     assert store.inode(f).nlink == 0
     store.remove_inode(f)
+    assert store.inode(f).nlink == 0 and f in store.reclaiming
+    assert store.reclaim() == 1
     with pytest.raises(StoreError):
         store.inode(f)
 
@@ -520,7 +523,7 @@ def test_xattrs(store, clock):
     # removing the inode removes its xattrs
     store.unlink(d.id, b"f", want_dir=False)
     store.unlink(d.id, b"f2", want_dir=False)
-    store.remove_inode(f)
+    store.destroy_inode(f)
     assert store.db.one("SELECT COUNT(*) FROM xattrs WHERE inode=?", (f,))[0] == 0
 
 
@@ -821,7 +824,7 @@ async def test_dedup_and_deletion_of_objects(opener):
 
     for i in (0, 1):
         assert store.unlink(d, b"copy%d" % i, want_dir=False).nlink == 0
-        store.remove_inode(files[i])
+        store.destroy_inode(files[i])
     await store.commit()
     assert objects_rows(store) == blocks and packs_used(store) == pack_files(store)
     assert {r[0] for r in store.db.execute("SELECT refcount FROM objects")} == {1}
@@ -829,7 +832,7 @@ async def test_dedup_and_deletion_of_objects(opener):
 
     packs = pack_files(store)
     store.unlink(d, b"copy2", want_dir=False)
-    store.remove_inode(files[2])
+    store.destroy_inode(files[2])
     assert objects_rows(store) == 0
     assert pack_files(store) == packs          # the pack goes only after the commit
     await store.commit()
@@ -853,7 +856,7 @@ async def test_a_mostly_dead_pack_is_compacted_and_what_lives_in_it_still_reads(
     assert await store.compact() == 0  # being appended to
     store.packs.seal_all()
     assert await store.compact() == 0  # nothing dead yet
-    store.remove_inode(store.unlink(d, b"drop", want_dir=False).id)
+    store.destroy_inode(store.unlink(d, b"drop", want_dir=False).id)
     await store.commit()
     assert pack_files(store) == {old}  # a quarter still lives in it
     assert await store.compact() == 1
@@ -876,7 +879,7 @@ async def test_a_quiet_pack_being_filled_is_compacted_once_mostly_dead(opener):
     await store.write(g, 0, random.Random(2).randbytes(3 * BLOCK_SIZE))
     await store.sync()
     (filling,) = pack_files(store)
-    store.remove_inode(store.unlink(d, b"drop", want_dir=False).id)
+    store.destroy_inode(store.unlink(d, b"drop", want_dir=False).id)
     await store.commit()
     assert await store.compact() == 0  # appended to a moment ago: the area may go on writing
     assert await store.compact(idle=0) == 1
@@ -944,7 +947,7 @@ path, key, parent = Path(sys.argv[1]), bytes.fromhex(sys.argv[2]), int(sys.argv[
 store = Store(path, ContentCodec(key), dirty_limit=1 << 26, cache_limit=0)
 ino = store.lookup(parent, b"f")
 store.unlink(parent, b"f", want_dir=False)
-store.remove_inode(ino)
+store.destroy_inode(ino)
 print(len(store.packs.sizes()[0]), flush=True)
 os._exit(0)  # a crash: no commit, no close
 """
@@ -1023,8 +1026,8 @@ async def test_small_objects_live_in_the_metadata_and_go_with_their_rows(opener)
     store = opener()
     assert await store.read(small, 0, 4096) == data
     assert await store.read(big, 0, 2 * BLOCK_SIZE) == frame
-    store.remove_inode(store.unlink(folder, b"session.json", want_dir=False).id)
-    store.remove_inode(store.unlink(folder, b"frame.raw", want_dir=False).id)
+    store.destroy_inode(store.unlink(folder, b"session.json", want_dir=False).id)
+    store.destroy_inode(store.unlink(folder, b"frame.raw", want_dir=False).id)
     await store.sync()
     assert objects_rows(store) == 0 and pack_files(store) == set()
     assert store.usage()["total"]["stored_bytes"] == 0
@@ -1078,7 +1081,7 @@ def test_a_store_before_packs_keeps_reading_and_removing_its_object_files(opener
     assert run(functools.partial(check_store, store, repair=False)).clean
     g, new_data = run(write, store, b"new", 2)  # new objects go to a pack
     assert len(object_files(store)) == 3 and len(pack_files(store)) == 1
-    store.remove_inode(store.unlink(leaf(store), b"old", want_dir=False).id)
+    store.destroy_inode(store.unlink(leaf(store), b"old", want_dir=False).id)
     run(store.sync)
     assert object_files(store) == set()
     assert run(store.read, g, 0, 4 * BLOCK_SIZE) == new_data
@@ -1255,7 +1258,7 @@ async def test_deleted_content_cannot_be_decrypted_even_from_reinstated_copies(o
     digests = {oid: store.db.one("SELECT digest FROM objects WHERE id=?", (oid,))[0] for oid in stolen}
     assert len(stolen) == 3
     store.unlink(folder, b"face.jpg", want_dir=False)
-    store.remove_inode(victim)
+    store.destroy_inode(victim)
     await store.sync()
     codec = ContentCodec(opener.key)
     keys = [r[0] for r in store.db.execute("SELECT wrapped_key FROM objects")]
@@ -1276,7 +1279,7 @@ async def test_shredding_waits_for_a_reader_that_blocks_the_checkpoint_then_happ
     reader = sqlite3.connect(tmp_path / "store" / "meta.sqlite")
     reader.execute("BEGIN")
     reader.execute("SELECT COUNT(*) FROM inodes").fetchone()  # holds a read snapshot
-    store.remove_inode(store.unlink(folder, b"doomed", want_dir=False).id)
+    store.destroy_inode(store.unlink(folder, b"doomed", want_dir=False).id)
     await store.commit(shred=True)
     wal = tmp_path / "store" / "meta.sqlite-wal"
     assert wrapped in wal.read_bytes()  # the reader's snapshot still needs it
@@ -1566,10 +1569,10 @@ async def test_counters_match_the_block_map_whatever_happens(opener, seed):
             files.append((target, b"r%d" % step))
         elif op == "unlink":
             if store.unlink(folder, name, want_dir=False).nlink == 0:
-                store.remove_inode(ino)
+                store.destroy_inode(ino)
         elif op == "expire":
             store.expire(ino)
-            store.remove_inode(ino)
+            store.destroy_inode(ino)
             files = [(f, n) for f, n in files if store.lookup(f, n) is not None]
         else:
             files.append((folder, name))

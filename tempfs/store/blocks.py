@@ -512,16 +512,21 @@ class BlockStore:
 
     def drop_after(self, inode: int, size: int) -> None:
         """Forgets every block wholly at or past `size` (truncation, deletion with size 0)."""
-        first = -(-size // self.block_size)
-        if self.dirty_by_inode[inode]:
-            for key in [k for k in self.dirty if k[0] == inode and k[1] >= first]:
-                self._discard_dirty(key)
+        first = self.drop_dirty_after(inode, size)
         rows = self.db.change("DELETE FROM blocks WHERE inode=? AND blockno>=? RETURNING object", (inode, first),
                               (inode, AREA_USAGE))
         if rows:
             self._maps_kept += 1  # every block map kept so far is out of reach: a range cannot be named
         for (object_id,) in rows:
             self._decref(object_id)
+
+    def drop_dirty_after(self, inode: int, size: int) -> int:
+        """drop_after() of the blocks not stored yet only; returns the first block dropped."""
+        first = -(-size // self.block_size)
+        if self.dirty_by_inode[inode]:
+            for key in [k for k in self.dirty if k[0] == inode and k[1] >= first]:
+                self._discard_dirty(key)
+        return first
 
     def _discard_dirty(self, key: tuple[int, int]) -> None:
         block = self.dirty.pop(key)

@@ -353,7 +353,7 @@ class _Checker:
             return False
         try:
             with self._savepoint():
-                self.store.remove_inode(ino)
+                self.store.destroy_inode(ino)
         except sqlite3.Error as e:
             self._damaged("unreachable inodes", f"{problem}: the repair failed ({e})")
             return False

@@ -33,6 +33,8 @@ from .blocks import AREA_USAGE, COMPACT_DEAD, COMPACT_IDLE, INLINE_MAX, BlockSto
 from .db import MISSING, Database
 from .objects import ObjectFiles
 from .packs import PackFiles
+from . import reclaim
+from .reclaim import ReclaimQueue
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +137,11 @@ class Store:
         # inodes whose last name went since the store opened: only these can need freeing when
         # the kernel forgets them or they are closed (a superset: a later link() leaves it here)
         self.unlinked: set[int] = set()
-        # of those, whose content discard_content() freed (and db.forgotten then: a rollback undoes it)
+        # of those, whose content was freed (and db.forgotten then: a rollback undoes it)
         self._emptied: dict[int, int] = {}
+        # of those, what waits for the reclaimer (reclaim.py)
+        self.reclaiming = ReclaimQueue()
+        self._reclaim_wanted = trio.Event()
         self._used: dict[int, int] = {}  # touch_used() times not written yet
         # written files' size and time of change (mtime, ctime) not written yet: one statement a
         # commit, not one a write. inode() and named() answer with them; any other statement
@@ -214,6 +219,7 @@ class Store:
         self.db.shred_after_commit()
 
     def close(self) -> None:
+        self.reclaim()
         self.packs.close()
         self.packs.sync()
         self._write_behind()
@@ -224,7 +230,8 @@ class Store:
 
     # ---- transactions --------------------------------------------------------------------
     async def sync(self) -> None:
-        """Flushes all dirty data and makes every change so far durable."""
+        """Frees what deleted files held, flushes all dirty data and makes every change so far durable."""
+        self.reclaim()
         await self.blocks.flush_all()
         await self.commit(durable=True)
 
@@ -234,6 +241,7 @@ class Store:
         `shred` also checkpoints the metadata's log, so that nothing removed so far (names,
         keys) survives in it."""
         if shred:
+            self.reclaim()  # what waits holds keys and names the shred is asked to leave no trace of
             self.db.shred_after_commit()
         self._write_behind()
         if durable:
@@ -261,6 +269,7 @@ class Store:
         """Gives the disk back every dead byte worth moving for (the disk is short): compacts
         every pack that holds dead objects, those being appended to too; returns how many
         packs went."""
+        self.reclaim()  # what deleted files held turns into dead bytes first
         gone = 0
         while (n := await self.compact(min_dead=RECLAIM_DEAD, idle=0)) > 0:
             gone += n
@@ -405,8 +414,8 @@ class Store:
 
     def unlink(self, parent: int, name: bytes, *, want_dir: bool, discard: bool = False) -> Inode:
         """Removes a name (rmdir when `want_dir`); returns the inode with its new link count.
-        `discard`: the file is not open, so if that was its last name its content goes now
-        (discard_content(), in the same statement)."""
+        `discard`: the file is not open, so if that was its last name its content goes
+        (discard_content())."""
         node = self.named(parent, name)
         if node is None:
             raise StoreError(errno.ENOENT)
@@ -518,13 +527,71 @@ class Store:
 
     def discard_content(self, node: Inode) -> None:
         """Frees the content of a file that has no name left and is not open: nobody can open
-        it again, so its space (and, once the commit lands, its keys) go now rather than when
-        the kernel forgets the inode."""
-        if self._discard_blocks(node):
-            self.db.change("UPDATE inodes SET size=0 WHERE id=?", (node.id,), (node.id,))
+        it again, so what it holds goes before the kernel forgets the inode: its data not
+        stored yet now, what is stored (its space, and once the commit lands its keys) with
+        the reclaimer."""
+        if self.blocks.dirty_by_inode[node.id]:
+            self.blocks.drop_dirty_after(node.id, 0)
+        if node.stored_bytes:
+            self._ask_reclaim(node.id, remove=False)
+
+    def remove_inode(self, ino: int) -> None:
+        """Destroys, with the reclaimer, an inode that has no name left and no user."""
+        self._ask_reclaim(ino, remove=True)
+
+    def _ask_reclaim(self, ino: int, remove: bool) -> None:
+        self.reclaiming.ask(ino, remove)
+        self._reclaim_wanted.set()
+
+    def reclaim(self, limit: Optional[int] = None) -> int:
+        """Frees now what deleted files wait to give back (the `limit` oldest); returns how
+        many went. One that fails waits again, with those after it, and the error is raised."""
+        taken = self.reclaiming.take(len(self.reclaiming) if limit is None else limit)
+        for i, (ino, remove) in enumerate(taken):
+            try:
+                self._reclaim_one(ino, remove)
+            except BaseException:
+                for later, later_remove in taken[i:]:
+                    self.reclaiming.ask(later, later_remove)
+                raise
+        return len(taken)
+
+    def _reclaim_one(self, ino: int, remove: bool) -> None:
+        try:
+            node = self.inode(ino)
+        except StoreError:
+            return  # gone already
+        if node.nlink > 0:
+            return  # named again: a rollback undid its removal
+        if remove:
+            self.destroy_inode(ino)
+        elif self._discard_blocks(node):
+            self.db.change("UPDATE inodes SET size=0 WHERE id=?", (ino,), (ino,))
+
+    async def run_reclaimer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Gives back what deleted files held when reclaim.py says, a slice at a time so that
+        requests are answered between slices."""
+        task_status.started()
+        while True:
+            await self._reclaim_wanted.wait()
+            self._reclaim_wanted = trio.Event()
+            changes = None
+            while len(self.reclaiming):
+                await trio.sleep(reclaim.QUIET)
+                quiet, changes = self.db.conn.total_changes == changes, self.db.conn.total_changes
+                if not self.reclaiming.due(quiet):
+                    continue
+                try:
+                    for _ in range(-(-len(self.reclaiming) // reclaim.SLICE)):
+                        self.reclaim(reclaim.SLICE)
+                        await trio.sleep(0)
+                except (sqlite3.Error, OSError) as e:  # e.g. the disk is full: they wait, and are retried
+                    log.error("cannot free what deleted files held (%s); retrying in %.0f s", e, reclaim.AGE)
+                    await trio.sleep(reclaim.AGE)
+                changes = self.db.conn.total_changes  # its own changes are not the tree's
 
     def _discard_blocks(self, node: Inode) -> bool:
-        """discard_content() but for the size, which the caller sets to 0 if this says so."""
+        """Frees a file's content now, but for the size, which the caller sets to 0 if this says so."""
         if not node.stored_bytes and not self.blocks.dirty_by_inode[node.id]:
             return False
         self.blocks.drop_after(node.id, 0)
@@ -587,18 +654,18 @@ class Store:
             self.db.execute("UPDATE inodes SET life_ns=? WHERE policy=? AND kind=?", (life, policy, Kind.FREE))
 
     def _remove_entry(self, parent: int, name: bytes, node: Inode, now: int, discard: bool = False) -> Inode:
-        """Removes one name of `node`; returns the node with its new link count (and, if that
-        is 0 and `discard`, without content)."""
+        """Removes one name of `node`; returns the node with its new link count (if that is 0
+        and `discard`, its content goes: discard_content())."""
         key = (parent, self.names.name(parent, name))
         self.db.change("DELETE FROM entries WHERE parent=? AND name=?", key, (key,))
         nlink = 0 if node.is_dir else node.nlink - 1
-        emptied = nlink == 0 and discard and self._discard_blocks(node)
-        self.db.change(f"UPDATE inodes SET nlink=?, ctime_ns=?{', size=0' if emptied else ''} WHERE id=?",
-                       (nlink, now, node.id), (node.id,))
+        self.db.change("UPDATE inodes SET nlink=?, ctime_ns=? WHERE id=?", (nlink, now, node.id), (node.id,))
         if nlink == 0:
             self.unlinked.add(node.id)
+            if discard:
+                self.discard_content(node)
         self._touch_folder(parent, now, -int(node.is_dir))
-        return replace(node, nlink=nlink, ctime_ns=now, **({"size": 0, "stored_bytes": 0} if emptied else {}))
+        return replace(node, nlink=nlink, ctime_ns=now)
 
     def _touch_folder(self, ino: int, now: int, nlink_delta: int) -> None:
         self._update_kept(ino, "nlink=nlink+?, mtime_ns=?, ctime_ns=?", (nlink_delta, now, now),
@@ -611,8 +678,8 @@ class Store:
         if rows:
             self.db.keep(ino, rows[0])
 
-    def remove_inode(self, ino: int) -> None:
-        """Destroys an inode that has no name left and no user: its content, xattrs and row."""
+    def destroy_inode(self, ino: int) -> None:
+        """Destroys now an inode that has no name left and no user: its content, xattrs and row."""
         if self._emptied.pop(ino, None) != self.db.forgotten:  # else nothing was written to it since
             self.blocks.drop_after(ino, 0)
         self._used.pop(ino, None)
@@ -625,7 +692,7 @@ class Store:
     def _purge_unlinked(self) -> None:
         """At open, no kernel holds a reference any more: inodes without a name can go."""
         for (ino,) in self.db.execute("SELECT id FROM inodes WHERE nlink=0").fetchall():
-            self.remove_inode(ino)
+            self.destroy_inode(ino)
 
     # ---- attributes ----------------------------------------------------------------------
     def set_attrs(self, ino: int, **fields: int) -> None:
