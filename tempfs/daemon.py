@@ -188,7 +188,7 @@ class _Daemon:
             await nursery.start(self.store.blocks.run_read_ahead)
             await nursery.start(self.ops.page_cache.run)
             await nursery.start(self.store.run_committer)
-            await nursery.start(self.store.run_reclaimer)
+            await nursery.start(self.store.run_reclaimer, lambda: self.ops.last_request)
             await nursery.start(self.store.run_compactor)
             await nursery.start(self.ops.run_reaper)
             await nursery.start(self.ops.space.run_watch)

@@ -62,7 +62,7 @@ def _errors(method):
     because an exception escaping a handler would stop the whole FUSE loop."""
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
-        started = time.perf_counter()
+        started = self.last_request = time.perf_counter()
         self.in_flight += 1
         try:
             if self.store_lost and method.__name__ in _CHANGES:
@@ -138,6 +138,7 @@ class TempFS(pyfuse3.Operations):
         self._refusals: dict[int, collections.deque[float]] = {}  # pid -> times of its recent refusals
         self.started = time.time()
         self.in_flight = 0  # requests being handled (some awaiting): the request loop does not spin then
+        self.last_request = time.perf_counter()  # when the last one came: the reclaimer waits for a pause
         self._lookups: Counter[int] = Counter()
         self._opens: Counter[int] = Counter()
         self._writers: Counter[int] = Counter()   # handles that may write, and truncates under way

@@ -3,8 +3,9 @@ when the reclaimer works through them.
 
 Removing a file's last name is quick: the name goes, and its link count. Freeing what it held
 (block map rows, objects and their keys, the inode row) is most of the work of a delete, and is
-left to the reclaimer (Store.run_reclaimer), which takes it once the tree has had no change for
-QUIET seconds, once the oldest has waited AGE seconds, or at once past BACKLOG files waiting;
+left to the reclaimer (Store.run_reclaimer), which takes it once no request came for QUIET
+seconds, once the oldest has waited AGE seconds, or at once past BACKLOG files waiting (a
+slice at a time, as long as one of these holds);
 and all of it before room is judged (an area's limit, the disk's floor), before a sync or a
 shredding commit, and at close. Until then a deleted file's stored bytes count in its area.
 
@@ -18,9 +19,9 @@ import time
 from typing import Callable
 
 AGE = 2.0        # seconds a deleted file's content may wait (as long as written data may: FLUSH_AGE)
-QUIET = 0.05     # seconds without a change to the tree after which the reclaimer starts
+QUIET = 0.05     # seconds without a request after which the reclaimer starts
 BACKLOG = 16384  # files waiting past which it starts at once
-SLICE = 256      # files reclaimed between two looks at the requests waiting
+SLICE = 64       # files reclaimed between two looks at the requests (a few ms of work)
 
 
 class ReclaimQueue:
@@ -50,7 +51,7 @@ class ReclaimQueue:
         return [(ino, remove) for ino, (remove, _since) in taken]
 
     def due(self, quiet: bool) -> bool:
-        """Whether the reclaimer should start now; `quiet`: the tree had no change for QUIET seconds."""
+        """Whether the reclaimer should work now; `quiet`: no request came for QUIET seconds."""
         if not self._waiting:
             return False
         oldest = next(iter(self._waiting.values()))[1]

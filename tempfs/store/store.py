@@ -568,27 +568,24 @@ class Store:
         elif self._discard_blocks(node):
             self.db.change("UPDATE inodes SET size=0 WHERE id=?", (ino,), (ino,))
 
-    async def run_reclaimer(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Gives back what deleted files held when reclaim.py says, a slice at a time so that
-        requests are answered between slices."""
+    async def run_reclaimer(self, last_request: Callable[[], float], *,
+                            task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Gives back what deleted files held when reclaim.py says, a slice at a time, looking
+        again after each; `last_request()`: when (time.perf_counter()) the last request came."""
         task_status.started()
         while True:
             await self._reclaim_wanted.wait()
             self._reclaim_wanted = trio.Event()
-            changes = None
-            while len(self.reclaiming):
-                await trio.sleep(reclaim.QUIET)
-                quiet, changes = self.db.conn.total_changes == changes, self.db.conn.total_changes
-                if not self.reclaiming.due(quiet):
+            while self.reclaiming:
+                if not self.reclaiming.due(time.perf_counter() - last_request() >= reclaim.QUIET):
+                    await trio.sleep(reclaim.QUIET)
                     continue
                 try:
-                    for _ in range(-(-len(self.reclaiming) // reclaim.SLICE)):
-                        self.reclaim(reclaim.SLICE)
-                        await trio.sleep(0)
+                    self.reclaim(reclaim.SLICE)
                 except (sqlite3.Error, OSError) as e:  # e.g. the disk is full: they wait, and are retried
                     log.error("cannot free what deleted files held (%s); retrying in %.0f s", e, reclaim.AGE)
                     await trio.sleep(reclaim.AGE)
-                changes = self.db.conn.total_changes  # its own changes are not the tree's
+                await trio.sleep(0)  # the requests that came meanwhile go first
 
     def _discard_blocks(self, node: Inode) -> bool:
         """Frees a file's content now, but for the size, which the caller sets to 0 if this says so."""
