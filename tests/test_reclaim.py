@@ -1,6 +1,7 @@
 """The reclaimer: what deleted files held is freed after the unlink, soon, and before room is judged."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,6 +78,20 @@ def test_deleted_files_are_freed_by_the_reclaimer_once_the_tree_is_quiet(mounted
     assert list(folder.iterdir()) == []
     assert wait_until(lambda: _area(mounted, "cache")["stored_bytes"] == 0, timeout=10)
     assert mounted.status()["daemon"]["reclaiming_files"] == 0
+
+
+def test_requests_that_never_pause_do_not_hold_the_reclaimer_back_past_its_age(mounted):
+    folder = mounted.path("cache/data")
+    for i in range(20):
+        _write_stored(folder / f"f{i}", os.urandom(20_000))
+    for i in range(20):
+        os.unlink(folder / f"f{i}")
+    # status is a request: asked every 5 ms, no pause of QUIET comes, so only AGE lets it work
+    def waiting() -> int:
+        return json.loads(os.getxattr(mounted.mnt, "user.tempfs.status"))["daemon"]["reclaiming_files"]
+    assert waiting() == 20
+    assert wait_until(lambda: waiting() == 0, timeout=10, interval=0.005)
+    assert _area(mounted, "cache")["stored_bytes"] == 0
 
 
 def test_a_full_area_frees_what_deleted_files_held_before_it_refuses(make_mount):
