@@ -1798,6 +1798,36 @@ async def test_dirty_limit_back_pressure_with_flusher(opener, chunk, monkeypatch
 
 @pytest.mark.timeout(30)
 @trio_test
+async def test_small_files_count_at_what_they_hold_and_a_block_that_grows_waits_for_room(opener, monkeypatch):
+    """90 new files of 4 KiB fit a dirty budget of 8 blocks (each holds about 5 KiB) and do not
+    wake the flusher (FLUSH_AGE is an hour); the areas count each as a whole block. Then each
+    grown to a whole block: past the budget, the writers wait for the flusher."""
+    monkeypatch.setattr("tempfs.store.blocks.FLUSH_AGE", 7200.0)
+    store = opener(dirty_limit=8 * BLOCK_SIZE, cache_limit=0)
+    folder = leaf(store)
+    rng = random.Random(23)
+    files = {new_file(store, folder, b"f%d" % i): rng.randbytes(4096) for i in range(90)}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.blocks.run_flusher)
+        for ino, data in files.items():
+            await store.write(ino, 0, data)
+        await trio.sleep(0.05)  # the flusher's turn, were it woken
+        assert len(store.blocks.dirty) == 90 and objects_rows(store) == 0
+        assert store.blocks.held_bytes < 90 * 6 * KiB <= store.blocks.dirty_limit
+        assert store.blocks.dirty_bytes == 90 * BLOCK_SIZE
+        for ino in files:
+            more = rng.randbytes(BLOCK_SIZE - 4096)
+            await store.write(ino, 4096, more)
+            files[ino] += more
+            assert store.blocks.held_bytes <= store.blocks.dirty_limit
+        nursery.cancel_scope.cancel()
+    await store.sync()
+    for ino, data in files.items():
+        assert await store.read(ino, 0, BLOCK_SIZE + 1) == data
+
+
+@pytest.mark.timeout(30)
+@trio_test
 async def test_small_writes_into_stored_blocks_count_at_what_they_hold_not_whole_blocks(opener, monkeypatch):
     """64 writes of 4 KiB into a stored file, each in a block of its own, fit a dirty budget of
     8 blocks: each holds about 5 KiB, and the flusher is not woken for them (FLUSH_AGE is

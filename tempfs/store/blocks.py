@@ -11,9 +11,10 @@ Guarantees:
   metadata row instead of a pack, so it is stored, made durable and removed with the commit
   that references it.
 - Dirty data is bounded by `dirty_limit`: a writer that would pass it waits for the flusher.
-  A dirty block counts as a whole block, except what was written over a stored block (a
-  patch to be), which counts at what it holds: a 4 KiB write there about 5 KiB. The areas'
-  limits and `du` count every dirty block as a whole block, the most it may store.
+  A dirty block counts at what it holds (a small file's block, or a 4 KiB write over a stored
+  block, a patch to be, about 5 KiB), and a new one may be made only with room for a whole
+  block. The areas' limits and `du` count every dirty block as a whole block, the most it may
+  store.
 - A change to part of a stored block that is not cached is stored as a patch laid over it
   (patch.py), at most MAX_PATCHES per block and `patch_max` bytes each; past either, the block
   is loaded and stored whole, which drops its patches. A reader gets the block with its
@@ -54,7 +55,7 @@ FLUSH_BATCH = 8          # blocks per trip to a worker thread: a trip costs ~0.2
 # thread (which gives the GIL up) waits to get it back (scripts/bench_gil.py). Sealed here,
 # random 4 KiB writes ran 1.19x as fast and small files were created 1.17x as fast (A/B).
 SEAL_HERE_BYTES = 64 * 1024
-# what an overlay (a dirty patch to be) takes in memory beside the bytes written into it
+# what a dirty block takes in memory beside the bytes written into it
 DIRTY_OVERHEAD = 1024
 INLINE_MAX = 16 * 1024   # sealed objects up to this size live in the metadata, not in packs
 MAX_PATCHES = 8          # patches a stored block may carry; the next change loads and stores it whole
@@ -413,7 +414,10 @@ class BlockStore:
             while True:
                 block = await self._dirty_block(inode, blockno, self.replaces(blockno, start, n, size), tag, unmapped)
                 if block.overlay is None:
-                    break
+                    if self.held_bytes + start + n - len(block.data) <= self.dirty_limit:
+                        break
+                    await self._wait_for_room()  # it grows past the limit
+                    continue
                 grown = block.overlay.encoded_size() + patch.EXTENT_BYTES + n > self.patch_max
                 if self.held_bytes + (self.block_size - block.held if grown else n) > self.dirty_limit:
                     await self._wait_for_room()
@@ -472,8 +476,8 @@ class BlockStore:
         await self._room_lot.park()
 
     def _count_held(self, block: DirtyBlock) -> None:
-        """Counts a dirty block again after it changed (an overlay grows, or becomes a whole block)."""
-        now = self.block_size if block.overlay is None else DIRTY_OVERHEAD + block.overlay.encoded_size()
+        """Counts a dirty block again after it changed (it grows, or an overlay becomes a whole block)."""
+        now = DIRTY_OVERHEAD + (len(block.data) if block.overlay is None else block.overlay.encoded_size())
         self.held_bytes += now - block.held
         block.held = now
 
