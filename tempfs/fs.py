@@ -162,7 +162,7 @@ class TempFS(pyfuse3.Operations):
         attrs.st_size = node.size
         attrs.st_blksize = self.store.blocks.block_size
         # du shows what the file takes on disk: compressed, encrypted, plus what is not stored yet
-        attrs.st_blocks = (node.stored_bytes + self.store.blocks.dirty_by_inode[node.id] + 511) // 512
+        attrs.st_blocks = (node.stored_bytes + self.store.blocks.dirty_bytes_of(node.id) + 511) // 512
         attrs.st_atime_ns = node.atime_ns
         attrs.st_mtime_ns = node.mtime_ns
         attrs.st_ctime_ns = node.ctime_ns
@@ -172,7 +172,7 @@ class TempFS(pyfuse3.Operations):
     def _cache_seconds(self, node: Inode) -> float:
         """How long the kernel may keep the entry: never past its deadline."""
         limit = KERNEL_CACHE_SECONDS
-        if self.store.blocks.dirty_by_inode[node.id]:
+        if self.store.blocks.dirty_bytes_of(node.id):
             limit = PENDING_CACHE_SECONDS  # its stored size (du) changes once its data is stored
         if node.expires_ns is None:
             return limit
@@ -473,7 +473,7 @@ class TempFS(pyfuse3.Operations):
         if node.expires_ns is not None:
             facts[EXPIRES_XATTR] = self._deadline_text(node, remaining=False)
         if not node.is_dir:
-            stored = node.stored_bytes + self.store.blocks.dirty_by_inode[node.id]
+            stored = node.stored_bytes + self.store.blocks.dirty_bytes_of(node.id)
             facts[STORED_XATTR] = str(stored).encode()
             facts[ENCRYPTED_XATTR] = CONTENT_CIPHER
         return facts

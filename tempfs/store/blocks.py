@@ -132,7 +132,7 @@ class BlockStore:
         self.dirty_bytes = 0  # a block each, as they may store: the areas' pending bytes, du
         self.held_bytes = 0  # the same, but an overlay at what it holds: bounded by dirty_limit
         self.dirty_by_tag: Counter[Optional[str]] = Counter()
-        self.dirty_by_inode: Counter[int] = Counter()
+        self._dirty_blocknos: dict[int, set[int]] = {}  # inode -> its dirty blocks: no scan of them all per file
         self._clean: OrderedDict[int, bytes] = OrderedDict()
         self._clean_bytes = 0
         self._flush_slots = trio.CapacityLimiter(FLUSH_PARALLELISM)
@@ -461,9 +461,9 @@ class BlockStore:
                     if key in self.dirty or self._mapped(inode, blockno) != mapped:
                         continue  # written, flushed or truncated while we read: the base is stale
             self.dirty[key] = block
+            self._dirty_blocknos.setdefault(inode, set()).add(blockno)
             self.dirty_bytes += self.block_size
             self.dirty_by_tag[tag] += self.block_size
-            self.dirty_by_inode[inode] += self.block_size
             self._count_held(block)
             # woken here, as a block is made dirty, not after every write: then it ran in many
             # small rounds, and sequential writes took 1.16x the CPU (A/B)
@@ -524,22 +524,27 @@ class BlockStore:
         for (object_id,) in rows:
             self._decref(object_id)
 
+    def dirty_bytes_of(self, inode: int) -> int:
+        """What the file's dirty blocks may store: a whole block each (du, the kernel's cache time)."""
+        blocknos = self._dirty_blocknos.get(inode)
+        return len(blocknos) * self.block_size if blocknos else 0
+
     def drop_dirty_after(self, inode: int, size: int) -> int:
         """drop_after() of the blocks not stored yet only; returns the first block dropped."""
         first = -(-size // self.block_size)
-        if self.dirty_by_inode[inode]:
-            for key in [k for k in self.dirty if k[0] == inode and k[1] >= first]:
-                self._discard_dirty(key)
+        for blockno in [b for b in self._dirty_blocknos.get(inode, ()) if b >= first]:
+            self._discard_dirty((inode, blockno))
         return first
 
     def _discard_dirty(self, key: tuple[int, int]) -> None:
         block = self.dirty.pop(key)
+        blocknos = self._dirty_blocknos[key[0]]
+        blocknos.discard(key[1])
+        if not blocknos:
+            del self._dirty_blocknos[key[0]]
         self.held_bytes -= block.held
         self.dirty_bytes -= self.block_size
         self.dirty_by_tag[block.tag] -= self.block_size
-        self.dirty_by_inode[key[0]] -= self.block_size
-        if self.dirty_by_inode[key[0]] <= 0:
-            del self.dirty_by_inode[key[0]]
         self._room_lot.unpark_all()
 
     # ---- flushing ------------------------------------------------------------------------
@@ -559,7 +564,7 @@ class BlockStore:
                 await trio.sleep(FLUSH_AGE)
 
     async def flush_inode(self, inode: int) -> None:
-        while keys := [k for k in self.dirty if k[0] == inode]:
+        while keys := [(inode, b) for b in self._dirty_blocknos.get(inode, ())]:
             await self.flush_keys(keys)
 
     async def flush_tagged(self, tag: Optional[str]) -> None:

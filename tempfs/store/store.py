@@ -530,8 +530,7 @@ class Store:
         it again, so what it holds goes before the kernel forgets the inode: its data not
         stored yet now, what is stored (its space, and once the commit lands its keys) with
         the reclaimer."""
-        if self.blocks.dirty_by_inode[node.id]:
-            self.blocks.drop_dirty_after(node.id, 0)
+        self.blocks.drop_dirty_after(node.id, 0)
         if node.stored_bytes:
             self._ask_reclaim(node.id, remove=False)
 
@@ -589,7 +588,7 @@ class Store:
 
     def _discard_blocks(self, node: Inode) -> bool:
         """Frees a file's content now, but for the size, which the caller sets to 0 if this says so."""
-        if not node.stored_bytes and not self.blocks.dirty_by_inode[node.id]:
+        if not node.stored_bytes and not self.blocks.dirty_bytes_of(node.id):
             return False
         self.blocks.drop_after(node.id, 0)
         self._emptied[node.id] = self.db.forgotten
@@ -867,7 +866,7 @@ class Store:
         rows = self.db.execute(
             "WITH RECURSIVE sub(id) AS (SELECT ? UNION SELECT e.inode FROM entries e JOIN sub ON e.parent = sub.id) "
             "SELECT i.id, i.stored_bytes FROM inodes i JOIN sub ON sub.id = i.id", (ino,)).fetchall()
-        return sum(stored + self.blocks.dirty_by_inode[i] for i, stored in rows)
+        return sum(stored + self.blocks.dirty_bytes_of(i) for i, stored in rows)
 
     def _total(self, name: str) -> int:
         return self.db.one("SELECT value FROM totals WHERE name=?", (name,))[0]
