@@ -267,3 +267,20 @@ def test_a_deleted_file_the_kernel_still_knows_frees_its_blocks_once_in_few_stat
     assert store.db.one("SELECT COUNT(*) FROM blocks WHERE inode=?", (ino,)) == (0,)
     assert store.db.one("SELECT COUNT(*) FROM objects") == (0,)
     store.close()
+
+
+def test_a_file_just_written_and_stored_is_looked_up_without_a_query(tmp_path):
+    """The flush that stores a file's blocks moves its inode row's stored bytes (a trigger) and
+    reads the row again, and the commit keeps it as it writes its size: a stat after that is
+    answered from memory, and right."""
+    store, leaf = opened(tmp_path / "store", os.urandom(MASTER_KEY_BYTES), time.time_ns)
+    ino = store.make(leaf, b"f", stat.S_IFREG | 0o644, UID, GID).id
+    trio.run(store.write, ino, 0, os.urandom(5000))
+    store.named(leaf, b"f")  # the entry kept, as a create leaves it
+    trio.run(store.sync)
+    statements = executed_statements(store.db)
+    node = store.named(leaf, b"f")
+    assert statements == []
+    assert node.size == 5000 and node.stored_bytes > 5000
+    assert node == store._inode_of(store.db.one(_INODE_QUERY, (ino,)))
+    store.close()

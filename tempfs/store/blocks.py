@@ -35,7 +35,7 @@ import sqlite3
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import trio
 
@@ -148,6 +148,8 @@ class BlockStore:
         self._reading_ahead = False                  # run_read_ahead is running
         self._in_order: dict[int, tuple[int, int]] = {}  # inode -> (next block asked, first not yet asked ahead)
         self._ahead_send, self._ahead_receive = trio.open_memory_channel(64)
+        # told the files whose block maps a flush batch changed (the triggers moved their stored bytes)
+        self.on_stored: Callable[[set[int]], None] = lambda inodes: None
 
     # ---- reading -------------------------------------------------------------------------
     async def read(self, inode: int, offset: int, size: int, file_size: int) -> bytes:
@@ -653,6 +655,7 @@ class BlockStore:
                 unclaimed.append(added[claim.digest])
         for object_id in unclaimed:  # after the others of the batch that share it took theirs
             self._decref(object_id)
+        self.on_stored({claim.key[0] for claim in claimed})
 
     def _settle(self, claim: "_Claim", added: dict[bytes, int], made: bool) -> bool:
         """Points the block map at what was stored, if the block is still live (else False);

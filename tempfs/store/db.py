@@ -293,12 +293,16 @@ class Database:
 
     def _write_held_before(self, sql: str) -> None:
         if self._held_table in sql:
-            self.holding = False  # first: writing them names the table too
-            try:
-                self._write_held()
-            except BaseException:
-                self.holding = True
-                raise
+            self.write_held()
+
+    def write_held(self) -> None:
+        """Writes what the caller holds back (hold_back()) now."""
+        self.holding = False  # first: writing them names the table too
+        try:
+            self._write_held()
+        except BaseException:
+            self.holding = True
+            raise
 
     def execute(self, sql: str, args: Iterable[Any] = (), held_ok: bool = False) -> sqlite3.Cursor:
         if self.holding and not held_ok:

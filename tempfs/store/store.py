@@ -151,6 +151,7 @@ class Store:
         self.packs = PackFiles(path / "packs")
         self.blocks = BlockStore(self.db, self.objects, self.packs, codec, BLOCK_SIZE, dirty_limit, cache_limit,
                                  inline_max, patch_max)
+        self.blocks.on_stored = self._keep_inodes
         # STORE/unclean exists while the store is open and goes at a clean close(): found here,
         # the last opener died (SIGKILL, power cut), so the daemon runs the quick check before
         # serving; close() removes it only once that is done (the check clears needs_recovery).
@@ -617,15 +618,30 @@ class Store:
 
     def _write_behind(self) -> None:
         """Writes what is held in memory: sizes and times of written files, use times."""
-        self._write_sizes()
+        if self.db.holding:
+            self.db.write_held()  # _write_sizes(), once (its statement would ask for it again)
         self._write_used()
 
     def _write_sizes(self) -> None:
         if self._written:
             rows = [(size, now, now, ino) for ino, (size, now) in self._written.items()]
+            kept = {ino: self.db.kept(ino) for ino in self._written}
             self.db.change_many("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?", rows,
                                 list(self._written))
+            for ino, (size, now) in self._written.items():  # kept as they are now written
+                if kept[ino] not in (MISSING, None):
+                    self.db.keep(ino, _with_written(kept[ino], size, now))
             self._written.clear()
+
+    def _keep_inodes(self, inodes: set[int]) -> None:
+        """Reads again, in one query, the rows of files whose stored bytes a flush moved (the
+        first lookup of a file just written then costs no query)."""
+        wanted = [ino for ino in inodes if self.db.kept(ino) is MISSING]
+        if wanted:
+            rows = self.db.execute(f"SELECT {_INODE_COLUMNS} FROM inodes WHERE id IN ({','.join('?' * len(wanted))})",
+                                   wanted, held_ok=True).fetchall()
+            for row in rows:
+                self.db.keep(row[0], row)
 
     def _write_used(self) -> None:
         if self._used:
