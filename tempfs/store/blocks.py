@@ -130,7 +130,7 @@ class BlockStore:
         self.cache_limit = cache_limit
         self.dirty: dict[tuple[int, int], DirtyBlock] = {}
         self.dirty_bytes = 0  # a block each, as they may store: the areas' pending bytes, du
-        self.held_bytes = 0  # the same, but an overlay at what it holds: bounded by dirty_limit
+        self.held_bytes = 0  # each at what it holds (plus DIRTY_OVERHEAD): bounded by dirty_limit
         self.dirty_by_tag: Counter[Optional[str]] = Counter()
         self._dirty_blocknos: dict[int, set[int]] = {}  # inode -> its dirty blocks: no scan of them all per file
         self._clean: OrderedDict[int, bytes] = OrderedDict()

@@ -3,11 +3,11 @@ when the reclaimer works through them.
 
 Removing a file's last name is quick: the name goes, and its link count. Freeing what it held
 (block map rows, objects and their keys, the inode row) is most of the work of a delete, and is
-left to the reclaimer (Store.run_reclaimer), which takes it once no request came for QUIET
-seconds, once the oldest has waited AGE seconds, or at once past BACKLOG files waiting (a
-slice at a time, as long as one of these holds);
-and all of it before room is judged (an area's limit, the disk's floor), before a sync or a
-shredding commit, and at close. Until then a deleted file's stored bytes count in its area.
+left to the reclaimer (Store.run_reclaimer). It works a slice at a time, as long as no request
+came for QUIET seconds, the oldest waiting has waited AGE seconds, or BACKLOG files wait; and
+the store frees all of it before room is judged (an area's limit, the disk's floor), before a
+sync or a shredding commit, and at close. Until then a deleted file's stored bytes count in
+its area.
 
 Guarantees: bookkeeping only (inode numbers, a monotonic clock), no I/O; an inode asked for
 both is removed whole; the oldest asked goes first.

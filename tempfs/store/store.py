@@ -557,12 +557,10 @@ class Store:
         return len(taken)
 
     def _reclaim_one(self, ino: int, remove: bool) -> None:
-        try:
-            node = self.inode(ino)
-        except StoreError:
-            return  # gone already
-        if node.nlink > 0:
-            return  # named again: a rollback undid its removal
+        row = self.db.keyed_one(ino, _INODE_QUERY, (ino,), held_ok=True)
+        node = None if row is None else Inode(*row)  # as stored: a damaged symlink target goes too
+        if node is None or node.nlink > 0:
+            return  # gone already, or named again (a rollback undid its removal)
         if remove:
             self.destroy_inode(ino)
         elif self._discard_blocks(node):
