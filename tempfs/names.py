@@ -27,7 +27,9 @@ from .codec import IntegrityError
 
 _PAD = 16
 _NONCE = 12
-NAMES_REMEMBERED = 4096  # stored forms of recent names: a create asks the same one 3-4 times
+# stored forms of recent names (about 260 bytes each): a create asks the same one 3-4 times, and
+# a kept entry row (store/db.py KEPT_ROWS) is found by its stored form, so as many are kept
+NAMES_REMEMBERED = 1 << 16
 _NAME, _XATTR_NAME, _TARGET, _XATTR_VALUE = b"name", b"xattr name", b"symlink target", b"xattr value"
 
 
