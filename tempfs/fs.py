@@ -248,18 +248,19 @@ class TempFS(pyfuse3.Operations):
         inode once the kernel has forgotten it too. `node`: the inode as just changed, if known."""
         if self._opens[ino] > 0:
             return
-        if node is None and ino in self.store.unlinked:  # a named inode has nothing to free: no query
-            try:
-                node = self.store.inode(ino)
-            except StoreError:
-                pass
         if self._lookups[ino] > 0:
+            if node is None and ino in self.store.unlinked:  # a named inode has nothing to free: no query
+                try:
+                    node = self.store.inode(ino)
+                except StoreError:
+                    return
             if node is not None and node.nlink == 0:
                 self.store.discard_content(node)
             return
         self._lookups.pop(ino, None)
         self._opens.pop(ino, None)
-        if node is not None and node.nlink == 0:
+        # the reclaimer reads its link count again (a later link() may have named it): no query here
+        if node.nlink == 0 if node is not None else ino in self.store.unlinked:
             self._waiting.discard(ino)
             self.store.remove_inode(ino)
 

@@ -34,7 +34,6 @@ from .db import MISSING, Database
 from .objects import ObjectFiles
 from .packs import PackFiles
 from . import reclaim
-from .reclaim import ReclaimQueue
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +139,7 @@ class Store:
         # of those, whose content was freed (and db.forgotten then: a rollback undoes it)
         self._emptied: dict[int, int] = {}
         # of those, what waits for the reclaimer (reclaim.py)
-        self.reclaiming = ReclaimQueue()
+        self.reclaiming = reclaim.ReclaimQueue()
         self._reclaim_wanted = trio.Event()
         self._used: dict[int, int] = {}  # touch_used() times not written yet
         # written files' size and time of change (mtime, ctime) not written yet: one statement a
