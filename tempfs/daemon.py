@@ -222,15 +222,11 @@ class _Daemon:
 
     async def _tune_read_ahead(self) -> None:
         """Sets the mount's readahead once the kernel has its answer to INIT, which would
-        otherwise cap it back to the default: a statfs through the mount waits for that."""
-        def tune() -> None:
-            try:
-                os.statvfs(self.mountpoint)
-            except OSError:  # unmounted already
-                return
-            if set_read_ahead(self.mountpoint, READ_AHEAD_KIB):
-                log.debug("readahead of %s set to %d KiB", self.mountpoint, READ_AHEAD_KIB)
-        await trio.to_thread.run_sync(tune, abandon_on_cancel=True)
+        otherwise cap it back to the default. Never asked through the mount itself: a daemon
+        waiting on its own mount holds it, and an unmount that came early would fail as busy."""
+        await self.ops.initialized.wait()
+        if set_read_ahead(self.mountpoint, READ_AHEAD_KIB):
+            log.debug("readahead of %s set to %d KiB", self.mountpoint, READ_AHEAD_KIB)
 
     async def _run_checks(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The seed's weekly whole-tree cleanup, made a check of the whole store: due

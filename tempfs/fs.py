@@ -146,6 +146,7 @@ class TempFS(pyfuse3.Operations):
         self.page_cache = PageCacheFiller()
         self._waiting: set[int] = set()  # due, but open or a folder with entries: looked at next pass
         self._reaper_wake = trio.Event()
+        self.initialized = trio.Event()  # set as the kernel's INIT is answered (daemon.py waits for it)
         self.last_check: Optional[dict] = None  # the report of the daemon's last whole-store check
         self.store_lost: Optional[str] = None     # why the store cannot be used any more (daemon.py)
         self.key_path: Optional[str] = None       # shown by status; set by whoever knows it
@@ -693,6 +694,10 @@ class TempFS(pyfuse3.Operations):
             self._expire(node.id)
 
     # ---- the filesystem ------------------------------------------------------------------
+    def init(self) -> None:
+        """Called as INIT is handled; the answer is written before any task sees the event."""
+        self.initialized.set()
+
     @_errors
     async def statfs(self, ctx):
         st = pyfuse3.StatvfsData()

@@ -264,6 +264,22 @@ def wait_until(predicate, timeout=5.0, interval=0.05):
 
 # ---------------------------------------------------------------- Mount
 
+class Stopped:
+    """What Mount.stop() found: true when clean; else its repr (what an assert shows) says why."""
+
+    def __init__(self, problems: list[str], log_tail: str) -> None:
+        self.problems = problems
+        self.log_tail = log_tail
+
+    def __bool__(self) -> bool:
+        return not self.problems
+
+    def __repr__(self) -> str:
+        if not self.problems:
+            return "Stopped(clean)"
+        return f"Stopped({'; '.join(self.problems)}; the daemon's log ends:\n{self.log_tail})"
+
+
 class MountFailed(AssertionError):
     pass
 
@@ -372,29 +388,29 @@ class Mount:
                 raise MountFailed(f"mount not live after {timeout}s:\n{tail(self.log_text())}")
             time.sleep(POLL)
 
-    def stop(self, timeout=EXIT_TIMEOUT) -> bool:
-        """Unmount and make sure the daemon is gone.  Returns True when the
-        unmount was clean (plain `fusermount3 -u` worked and the daemon exited
-        by itself); never raises."""
-        clean = True
+    def stop(self, timeout=EXIT_TIMEOUT) -> "Stopped":
+        """Unmount and make sure the daemon is gone; never raises. The result is true when the
+        unmount was clean (plain `fusermount3 -u` worked and the daemon exited by itself), and
+        else says what was not, with the end of the daemon's log."""
+        problems = []
         fstype = mount_fstype(self.mnt)
         if fstype is not None and fstype.startswith("fuse"):
             r = fusermount(self.mnt)
             if r.returncode != 0:
-                clean = False
+                problems.append(f"fusermount3 -u: {r.stderr.strip()}")
         proc = self.proc
         if proc is not None:
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                clean = False
+                problems.append(f"the daemon had not exited {timeout} s after")
         # Anything still there: lazy unmount, then kill what we started.
         if any(mp == str(self.mnt) for mp in fuse_mounts_under(self.mnt.parent)):
-            clean = False
+            problems.append("still mounted: detached lazily")
             fusermount(self.mnt, lazy=True)
         if proc is not None:
             if proc.poll() is None:
-                clean = False
+                problems.append("the daemon was killed")
                 kill_pid(proc.pid)
                 try:
                     proc.wait(timeout=5)
@@ -407,9 +423,9 @@ class Mount:
             wait_until(lambda: not any(pid_alive(p) for p in others), timeout=timeout)
             for pid in others:
                 if pid_alive(pid):
-                    clean = False
+                    problems.append(f"background daemon {pid} was killed")
                     kill_pid(pid)
-        return clean
+        return Stopped(problems, tail(self.log_text()) if problems else "")
 
     def remount(self, *extra) -> "Mount":
         """Unmount cleanly, then mount again on the same store/key/config."""
