@@ -2,12 +2,14 @@
 """The store alone, without FUSE: what writing costs tempfs's own code (sealing, SQLite, object
 files), less disturbed by the kernel's request path and by other load than a mount's figures.
 
-    bench_store.py [--size 256M] [--dir /var/tmp] [--workloads fresh,text,overwrite]
+    bench_store.py [--size 256M] [--dir /var/tmp] [--workloads fresh,text,overwrite,patch]
 
 fresh      incompressible data written once to a new file (one object file per 128 KiB)
 text       log lines (bench.py's compressible content: lz4 shrinks a block to ~23 KiB)
 overwrite  a quarter of --size written over the same file 4 more times, synced after each pass
            (every pass kills the last one's objects: the churn of a temp store)
+patch      PATCH_WRITES random 4 KiB writes over a stored file of --size, then a sync: what a
+           random write costs once the kernel hands it over (each is stored as a patch)
 
 Prints, as bench.py does, one `name value unit` line per figure: per workload its wall and CPU
 seconds (all threads of this process) and its rate.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -32,6 +35,7 @@ from tempfs.layout import Kind  # noqa: E402
 from tempfs.store import Store  # noqa: E402
 
 MiB = 1 << 20
+PATCH_WRITES = int(os.environ.get("PATCH_WRITES", 40_000))
 
 
 async def _write(store: Store, ino: int, blocks: list[bytes]) -> list[tuple[float, float]]:
@@ -47,10 +51,28 @@ async def _write(store: Store, ino: int, blocks: list[bytes]) -> list[tuple[floa
     return [timing]
 
 
+async def _patch(store: Store, ino: int, size: int, pool: bytes) -> list[tuple[float, float]]:
+    """PATCH_WRITES random 4 KiB writes, each followed by a turn of the loop (as a request
+    would give the flusher), then a sync; [(wall, cpu)]."""
+    rng = random.Random(1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.blocks.run_flusher)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(PATCH_WRITES):
+            at = rng.randrange(size // 4096) * 4096
+            start = at % (len(pool) - 4096)
+            await store.write(ino, at, pool[start:start + 4096])
+            await trio.sleep(0)
+        await store.sync()
+        timing = (time.perf_counter() - wall, time.process_time() - cpu)
+        nursery.cancel_scope.cancel()
+    return [timing]
+
+
 def run(name: str, size: int, where: Path, content: Content) -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench_store.", dir=where))
     try:
-        store = Store(folder / "store", ContentCodec(os.urandom(32)), dirty_limit=128 * MiB, cache_limit=0)
+        store = Store(folder / "store", ContentCodec(os.urandom(32)), dirty_limit=int(os.environ.get("DL", 128)) * MiB, cache_limit=0, **({"inline_max": int(os.environ["IM"])} if "IM" in os.environ else {}))
         ino = store.make(store.ensure_folder("cache", Kind.LEAF, 0o755, 0, 0), b"f", 0o100644, 0, 0).id
         if name == "overwrite":
             quarter = content.blocks("random", size // 4)
@@ -60,6 +82,10 @@ def run(name: str, size: int, where: Path, content: Content) -> None:
             for i in range(4):
                 timings += trio.run(_write, store, ino, (other, quarter)[i % 2])
             written = 4 * len(quarter) * MiB
+        elif name == "patch":
+            trio.run(_write, store, ino, content.blocks("random", size))
+            timings = trio.run(_patch, store, ino, size, content.random_pool())
+            written = PATCH_WRITES * 4096
         else:
             blocks = content.blocks("random" if name == "fresh" else "text", size)
             timings = trio.run(_write, store, ino, blocks)
@@ -68,6 +94,8 @@ def run(name: str, size: int, where: Path, content: Content) -> None:
         wall, cpu = sum(t[0] for t in timings), sum(t[1] for t in timings)
         print(f"{name}_seconds {wall:.2f} s\n{name}_cpu {cpu:.2f} s\n{name}_rate {written / MiB / wall:.0f} MiB/s",
               flush=True)
+        if name == "patch":
+            print(f"patch_write {wall / PATCH_WRITES * 1e6:.0f} us", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -80,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     content = Content()
     for name in args.workloads.split(","):
-        if name not in ("fresh", "text", "overwrite"):
+        if name not in ("fresh", "text", "overwrite", "patch"):
             parser.error(f"unknown workload {name!r}")
         run(name, args.size, args.dir, content)
 

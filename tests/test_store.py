@@ -648,6 +648,9 @@ async def test_a_small_write_into_a_stored_block_is_stored_as_a_patch_without_re
     await store.sync()
     assert loads == []
     assert layers(store, f, 1) == [0, 1] and layers(store, f, 2) == [0, 1]  # the write across two blocks: two
+    patches = store.db.execute("SELECT objects.data IS NULL, objects.pack FROM blocks JOIN objects "
+                               "ON objects.id = blocks.object WHERE blocks.layer > 0").fetchall()
+    assert len(patches) == 2 and all(not_inline and pack is not None for not_inline, pack in patches)  # in a pack
     assert await store.read(f, 0, 4 * BLOCK_SIZE) == data
     await store.write(f, BLOCK_SIZE + 50, b"again")  # a second patch over the first
     data[BLOCK_SIZE + 50:BLOCK_SIZE + 55] = b"again"

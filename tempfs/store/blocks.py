@@ -50,10 +50,11 @@ log = logging.getLogger(__name__)
 FLUSH_AGE = 2.0          # seconds a block may stay dirty when there is no pressure
 FLUSH_PARALLELISM = 3    # batches sealed at once (2 cores, plus disk waits)
 FLUSH_BATCH = 8          # blocks per trip to a worker thread: a trip costs ~0.2 ms
-# A batch of small objects, all inline, up to this many bytes is sealed on the trio thread. A trip
-# to a worker wakes two threads, and while the workers run Python every SQLite call of the trio
-# thread (which gives the GIL up) waits to get it back (scripts/bench_gil.py). Sealed here,
-# random 4 KiB writes ran 1.19x as fast and small files were created 1.17x as fast (A/B).
+# A batch of small objects (inline, or patches) up to this many bytes is sealed on the trio
+# thread. A trip to a worker wakes two threads, and while the workers run Python every SQLite
+# call of the trio thread (which gives the GIL up) waits to get it back (scripts/bench_gil.py).
+# Sealed here, random 4 KiB writes ran 1.19x as fast and small files were created 1.17x as fast
+# (A/B).
 SEAL_HERE_BYTES = 64 * 1024
 # what a dirty block takes in memory beside the bytes written into it
 DIRTY_OVERHEAD = 1024
@@ -618,10 +619,10 @@ class BlockStore:
 
     async def _seal_batch(self, claimed: list["_Claim"]) -> None:
         """Stores a batch of blocks: two trips to the worker threads (hash, then seal and write
-        what is new), or none for small objects kept inline; then one synchronous metadata
-        update."""
+        what is new), or none for a batch of small objects (kept inline, or patches); then one
+        synchronous metadata update."""
         here = (sum(len(c.plain) for c in claimed) <= SEAL_HERE_BYTES
-                and all(len(c.plain) + SEAL_OVERHEAD <= self.inline_max for c in claimed))  # no pack to write
+                and all(c.patch or len(c.plain) + SEAL_OVERHEAD <= self.inline_max for c in claimed))
         digests = self._digests(claimed) if here else await trio.to_thread.run_sync(self._digests, claimed)
         new: dict[bytes, tuple[int, bytes, Optional[str]]] = {}
         makers: dict[bytes, _Claim] = {}  # digest -> the claim a new object is made for
@@ -631,7 +632,8 @@ class BlockStore:
             if digest is not None and digest not in new and (claim.patch or self._object_of(digest) is None):
                 new[digest] = (secrets.randbits(63), claim.plain, claim.block.tag)
                 makers[digest] = claim
-        items = [(object_id, plain, digest, tag) for digest, (object_id, plain, tag) in new.items()]
+        items = [(object_id, plain, digest, tag, makers[digest].patch)
+                 for digest, (object_id, plain, tag) in new.items()]
         written = self._seal_and_write_many(items) if here else await trio.to_thread.run_sync(
             self._seal_and_write_many, items)
         added: dict[bytes, int] = {}  # digest -> the object this batch stored for it
@@ -687,14 +689,16 @@ class BlockStore:
         # a comparison stops at the first byte that differs; bytes.count(0) reads them all
         return data == (self._zeros if len(data) == self.block_size else bytes(len(data)))
 
-    def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes, Optional[str]]]) -> list[tuple]:
-        """(stored size, wrapped key, sealed bytes if kept inline, pack, offset) of each object;
-        the others are appended to their area's pack, one write per area."""
-        sealed = [self.codec.seal(object_id, plain, digest) for object_id, plain, digest, _ in items]
+    def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes, Optional[str], bool]]) -> list[tuple]:
+        """(stored size, wrapped key, sealed bytes if kept inline, pack, offset) of each item
+        (object id, plain, digest, tag, is a patch); the others are appended to their area's pack,
+        one write per area. A patch always is: inline, its row took a page of the database for
+        every random 4 KiB write (random writes 1.22x as fast in a pack, A/B)."""
+        sealed = [self.codec.seal(object_id, plain, digest) for object_id, plain, digest, _, _ in items]
         places: dict[int, tuple[int, int]] = {}  # item -> (pack, offset)
         by_tag: dict[Optional[str], list[int]] = {}
-        for i, ((data, _), (_, _, _, tag)) in enumerate(zip(sealed, items)):
-            if len(data) > self.inline_max:
+        for i, ((data, _), (_, _, _, tag, is_patch)) in enumerate(zip(sealed, items)):
+            if is_patch or len(data) > self.inline_max:
                 by_tag.setdefault(tag, []).append(i)
         try:
             for tag, indexes in by_tag.items():
