@@ -35,7 +35,7 @@ from tempfs.layout import Kind  # noqa: E402
 from tempfs.store import Store  # noqa: E402
 
 MiB = 1 << 20
-PATCH_WRITES = int(os.environ.get("PATCH_WRITES", 40_000))
+PATCH_WRITES = 40_000
 
 
 async def _write(store: Store, ino: int, blocks: list[bytes]) -> list[tuple[float, float]]:
@@ -72,7 +72,7 @@ async def _patch(store: Store, ino: int, size: int, pool: bytes) -> list[tuple[f
 def run(name: str, size: int, where: Path, content: Content) -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench_store.", dir=where))
     try:
-        store = Store(folder / "store", ContentCodec(os.urandom(32)), dirty_limit=int(os.environ.get("DL", 128)) * MiB, cache_limit=0, **({"inline_max": int(os.environ["IM"])} if "IM" in os.environ else {}))
+        store = Store(folder / "store", ContentCodec(os.urandom(32)), dirty_limit=128 * MiB, cache_limit=0)
         ino = store.make(store.ensure_folder("cache", Kind.LEAF, 0o755, 0, 0), b"f", 0o100644, 0, 0).id
         if name == "overwrite":
             quarter = content.blocks("random", size // 4)
