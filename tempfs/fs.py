@@ -260,8 +260,9 @@ class TempFS(pyfuse3.Operations):
             return
         self._lookups.pop(ino, None)
         self._opens.pop(ino, None)
-        # the reclaimer reads its link count again (a later link() may have named it): no query here
-        if node.nlink == 0 if node is not None else ino in self.store.unlinked:
+        # the reclaimer reads the link count again (a later link() may have named it): no query here
+        unnamed = node.nlink == 0 if node is not None else ino in self.store.unlinked
+        if unnamed:
             self._waiting.discard(ino)
             self.store.remove_inode(ino)
 

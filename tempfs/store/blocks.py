@@ -692,8 +692,9 @@ class BlockStore:
     def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes, Optional[str], bool]]) -> list[tuple]:
         """(stored size, wrapped key, sealed bytes if kept inline, pack, offset) of each item
         (object id, plain, digest, tag, is a patch); the others are appended to their area's pack,
-        one write per area. A patch always is: inline, its row took a page of the database for
-        every random 4 KiB write (random writes 1.22x as fast in a pack, A/B)."""
+        one write per area. A patch always goes to a pack, however small: inline, it put a page
+        of the database through the WAL at every random 4 KiB write (random writes 1.22x as
+        fast in a pack, A/B)."""
         sealed = [self.codec.seal(object_id, plain, digest) for object_id, plain, digest, _, _ in items]
         places: dict[int, tuple[int, int]] = {}  # item -> (pack, offset)
         by_tag: dict[Optional[str], list[int]] = {}
