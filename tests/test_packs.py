@@ -56,3 +56,24 @@ def test_a_failed_append_leaves_no_append_to_settle(tmp_path, monkeypatch):
     assert packs.release(pack)  # no append of the failed batch waits to be settled
     packs.close()
 
+
+
+def test_a_pack_that_fills_up_has_its_writeback_started_and_the_kernel_takes_the_call(tmp_path, monkeypatch):
+    monkeypatch.setattr(packs_module, "PACK_MAX", 1000)
+    real = packs_module._sync_file_range
+    assert real is not None  # Linux's C library has it
+    started: list[tuple[str, int]] = []
+
+    def recorded(fd, offset, nbytes, flags):
+        result = real(fd, offset, nbytes, flags)
+        started.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), result))
+        return result
+    monkeypatch.setattr(packs_module, "_sync_file_range", recorded)
+    packs = PackFiles(tmp_path / "packs")
+    first, _ = packs.append(b"x" * 900, "cache")
+    assert started == []  # not full yet
+    second, _ = packs.append(b"y" * 900, "cache")  # does not fit: the first is full
+    assert started == [(f"{first:016x}", 0)]
+    packs.settle([first, second])
+    packs.close()
+    assert started == [(f"{first:016x}", 0)]  # a pack ended without filling up is left to the kernel
