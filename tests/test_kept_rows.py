@@ -130,7 +130,7 @@ class Tree:
         xattr absence it ever made."""
         store = self.store
         answers = {}
-        for ino in self.seen:  # first: with what is held back (Store._written) applied
+        for ino in self.seen:  # first: with what is held back (Store._held) applied
             try:
                 answers[ino] = store.inode(ino)
             except StoreError:
@@ -245,6 +245,40 @@ def test_written_sizes_and_times_are_held_back_until_the_commit_or_a_statement_o
     assert store.inode(files[0]).mtime_ns == store.inode(files[0]).ctime_ns == now[0]
     store.close()
 
+
+
+def test_attributes_set_are_held_back_like_sizes_and_answered_until_written(tmp_path):
+    """chown, chmod and utimes (three setattr requests a file under `tar x`) cost no statement
+    each: they are written with the commit, and the deadline follows the new ctime."""
+    key = os.urandom(MASTER_KEY_BYTES)
+    now = [1_700_000_000_000_000_000]
+    life = 3600 * 10**9
+    store, leaf = opened(tmp_path / "store", key, lambda: now[0])
+    store.apply_policies({"cache": life})
+    ino = store.make(leaf, b"f", stat.S_IFREG | 0o600, UID, GID).id
+    store.commit_now()
+    statements: list[str] = []
+    store.db.conn.set_trace_callback(statements.append)
+    now[0] += 1_000_000
+    trio.run(store.write, ino, 0, b"x" * 10)
+    store.set_attrs(ino, uid=UID + 1, gid=GID + 1)
+    store.set_attrs(ino, mode=stat.S_IFREG | 0o644)
+    now[0] += 1_000_000
+    store.set_attrs(ino, atime_ns=5, mtime_ns=6)
+    assert not any(sql.startswith("UPDATE inodes") for sql in statements)
+    expected = (stat.S_IFREG | 0o644, UID + 1, GID + 1, 10, 5, 6, now[0], now[0] + life)
+    node = store.inode(ino)
+    assert (node.mode, node.uid, node.gid, node.size, node.atime_ns, node.mtime_ns, node.ctime_ns,
+            node.expires_ns) == expected
+    assert store.named(leaf, b"f") == node
+    store.commit_now()
+    assert sum(sql.startswith("UPDATE inodes") for sql in statements) == 1  # all of them in one
+    store.close()
+    store, _ = opened(tmp_path / "store", key, lambda: now[0])
+    node = store.inode(ino)
+    assert (node.mode, node.uid, node.gid, node.size, node.atime_ns, node.mtime_ns, node.ctime_ns,
+            node.expires_ns) == expected
+    store.close()
 
 def test_a_deleted_file_the_kernel_still_knows_frees_its_blocks_once_in_few_statements(tmp_path):
     store, leaf = opened(tmp_path / "store", os.urandom(MASTER_KEY_BYTES), time.time_ns)

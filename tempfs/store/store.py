@@ -142,11 +142,12 @@ class Store:
         self.reclaiming = reclaim.ReclaimQueue()
         self._reclaim_wanted = trio.Event()
         self._used: dict[int, int] = {}  # touch_used() times not written yet
-        # written files' size and time of change (mtime, ctime) not written yet: one statement a
-        # commit, not one a write. inode() and named() answer with them; any other statement
+        # inode columns changed and not written yet (written files' size and times, setattr's
+        # owner, mode and times): one statement a commit, not one a request (`tar x` sets three
+        # attributes of each file). inode() and named() answer with them; any other statement
         # that names the inodes table writes them first
-        self._written: dict[int, tuple[int, int]] = {}
-        self.db.hold_back("inodes", self._write_sizes)
+        self._held: dict[int, dict[str, int]] = {}
+        self.db.hold_back("inodes", self._write_held)
         self.packs = PackFiles(path / "packs")
         self.blocks = BlockStore(self.db, self.objects, self.packs, codec, BLOCK_SIZE, dirty_limit, cache_limit,
                                  inline_max, patch_max)
@@ -294,7 +295,7 @@ class Store:
         task_status.started()
         while True:
             await trio.sleep(COMMIT_INTERVAL)
-            if self.db.dirty or self._used or self._written:
+            if self.db.dirty or self._used or self._held:
                 try:
                     await self.commit()
                 except (sqlite3.Error, OSError) as e:  # e.g. the disk is full: the changes wait
@@ -312,9 +313,9 @@ class Store:
 
     def _inode_of(self, row: tuple) -> Inode:
         """The inode of a row read from the database, with what was written to it since."""
-        written = self._written.get(row[0])
-        if written is not None:
-            row = _with_written(row, *written)
+        held = self._held.get(row[0])
+        if held is not None:
+            row = _with_held(row, held)
         node = Inode(*row)
         if node.target is not None:
             try:
@@ -616,19 +617,24 @@ class Store:
     def _write_behind(self) -> None:
         """Writes what is held in memory: sizes and times of written files, use times."""
         if self.db.holding:
-            self.db.write_held()  # _write_sizes(), once (its statement would ask for it again)
+            self.db.write_held()  # _write_held(), once (its statements would ask for it again)
         self._write_used()
 
-    def _write_sizes(self) -> None:
-        if self._written:
-            rows = [(size, now, now, ino) for ino, (size, now) in self._written.items()]
-            kept = {ino: self.db.kept(ino) for ino in self._written}
-            self.db.change_many("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE id=?", rows,
-                                list(self._written))
-            for ino, (size, now) in self._written.items():  # kept as they are now written
-                if kept[ino] not in (MISSING, None):
-                    self.db.keep(ino, _with_written(kept[ino], size, now))
-            self._written.clear()
+    def _write_held(self) -> None:
+        if not self._held:
+            return
+        kept = {ino: self.db.kept(ino) for ino in self._held}
+        by_columns: dict[tuple[str, ...], list[tuple]] = {}  # one statement per set of columns changed
+        for ino, held in self._held.items():
+            columns = tuple(sorted(held, key=_COLUMN_INDEX.__getitem__))
+            by_columns.setdefault(columns, []).append((*(held[c] for c in columns), ino))
+        for columns, rows in by_columns.items():
+            self.db.change_many(f"UPDATE inodes SET {', '.join(c + '=?' for c in columns)} WHERE id=?", rows,
+                                list(self._held))
+        for ino, held in self._held.items():  # kept as they are now written
+            if kept[ino] not in (MISSING, None):
+                self.db.keep(ino, _with_held(kept[ino], held))
+        self._held.clear()
 
     def _keep_inodes(self, inodes: set[int]) -> None:
         """Reads again, in one query, the rows of files whose stored bytes a flush moved (the
@@ -678,7 +684,7 @@ class Store:
 
     def _touch_folder(self, ino: int, now: int, nlink_delta: int) -> None:
         self._update_kept(ino, "nlink=nlink+?, mtime_ns=?, ctime_ns=?", (nlink_delta, now, now),
-                          held_ok=ino not in self._written)  # folders are not written (but a store may be asked to)
+                          held_ok=ino not in self._held)  # what is held of it goes first
 
     def _update_kept(self, ino: int, assignments: str, args: tuple, held_ok: bool = False) -> None:
         """Changes an inode's columns and keeps the row it has now (no read when it is next asked for)."""
@@ -692,7 +698,7 @@ class Store:
         if self._emptied.pop(ino, None) != self.db.forgotten:  # else nothing was written to it since
             self.blocks.drop_after(ino, 0)
         self._used.pop(ino, None)
-        self._written.pop(ino, None)
+        self._held.pop(ino, None)
         if self.db.kept(_xattrs_key(ino)) is not False:
             self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,), (_xattrs_key(ino),))
         self.db.change("DELETE FROM inodes WHERE id=?", (ino,), (ino,))
@@ -710,8 +716,7 @@ class Store:
         if unknown:
             raise ValueError(f"cannot set {unknown}")
         fields.setdefault("ctime_ns", self.clock())
-        assignments = ", ".join(f"{name}=?" for name in fields)
-        self._update_kept(ino, assignments, tuple(fields.values()))  # setattr answers with the row next
+        self._hold(ino, fields)
 
     def get_xattr(self, ino: int, name: bytes) -> Optional[bytes]:
         if self.db.kept(_xattrs_key(ino)) is False:
@@ -758,11 +763,16 @@ class Store:
         if offset > node.size:
             await self.blocks.cut_tail(ino, node.size, node.area)
         await self.blocks.write(ino, offset, data, node.area, size=node.size)
-        held = self._written.get(ino)  # the size now: a truncation may have run during the write
-        size = held[0] if held is not None else self.inode(ino).size
-        self._written[ino] = (max(size, offset + len(data)), self.clock())
-        self.db.holding = True
+        size = self.inode(ino).size  # now: a truncation may have run during the write
+        now = self.clock()
+        self._hold(ino, {"size": max(size, offset + len(data)), "mtime_ns": now, "ctime_ns": now})
         self._emptied.pop(ino, None)
+
+    def _hold(self, ino: int, columns: dict[str, int]) -> None:
+        """Changes inode columns in memory, written with the next commit (or the next statement
+        that names the inodes table)."""
+        self._held.setdefault(ino, {}).update(columns)
+        self.db.holding = True
 
     async def truncate(self, ino: int, size: int) -> None:
         if size > MAX_FILE_SIZE:
@@ -921,12 +931,19 @@ def _xattrs_key(ino: int) -> tuple:
     return ("xattrs", ino)
 
 
-def _with_written(row: tuple, size: int, now: int) -> tuple:
-    """An inode row with a size and a time of change written since it was read; its deadline
-    follows its ctime as the database's expires_ns does."""
-    life, ttl = row[16], row[17]
-    expires = ttl if life is None else min(now + life, now + life if ttl is None else ttl)
-    return (*row[:4], size, *row[5:8], now, now, *row[10:14], expires, *row[15:])
+_COLUMN_INDEX = {name: i for i, name in enumerate(_INODE_COLUMNS.split(", "))}
+
+
+def _with_held(row: tuple, held: dict[str, int]) -> tuple:
+    """An inode row with the columns changed since it was read; its deadline follows its ctime
+    as the database's expires_ns does."""
+    out = list(row)
+    for name, value in held.items():
+        out[_COLUMN_INDEX[name]] = value
+    if "ctime_ns" in held:
+        now, life, ttl = held["ctime_ns"], row[_COLUMN_INDEX["life_ns"]], row[_COLUMN_INDEX["ttl_deadline_ns"]]
+        out[_COLUMN_INDEX["expires_ns"]] = ttl if life is None else min(now + life, now + life if ttl is None else ttl)
+    return tuple(out)
 
 
 def _saved(referenced: int, unique: int, stored: int) -> dict[str, int]:
