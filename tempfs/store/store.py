@@ -615,7 +615,7 @@ class Store:
         self._used[ino] = self.clock()
 
     def _write_behind(self) -> None:
-        """Writes what is held in memory: sizes and times of written files, use times."""
+        """Writes what is held in memory: inode columns changed (by writes, setattr), use times."""
         if self.db.holding:
             self.db.write_held()  # _write_held(), once (its statements would ask for it again)
         self._write_used()
