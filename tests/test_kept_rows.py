@@ -246,7 +246,6 @@ def test_written_sizes_and_times_are_held_back_until_the_commit_or_a_statement_o
     store.close()
 
 
-
 def test_attributes_set_are_held_back_like_sizes_and_answered_until_written(tmp_path):
     """chown, chmod and utimes (three setattr requests a file under `tar x`) cost no statement
     each: they are written with the commit, and the deadline follows the new ctime."""
@@ -279,6 +278,7 @@ def test_attributes_set_are_held_back_like_sizes_and_answered_until_written(tmp_
     assert (node.mode, node.uid, node.gid, node.size, node.atime_ns, node.mtime_ns, node.ctime_ns,
             node.expires_ns) == expected
     store.close()
+
 
 def test_a_deleted_file_the_kernel_still_knows_frees_its_blocks_once_in_few_statements(tmp_path):
     store, leaf = opened(tmp_path / "store", os.urandom(MASTER_KEY_BYTES), time.time_ns)

@@ -57,7 +57,6 @@ def test_a_failed_append_leaves_no_append_to_settle(tmp_path, monkeypatch):
     packs.close()
 
 
-
 def test_a_pack_that_fills_up_has_its_writeback_started_and_the_kernel_takes_the_call(tmp_path, monkeypatch):
     monkeypatch.setattr(packs_module, "PACK_MAX", 1000)
     real = packs_module._sync_file_range

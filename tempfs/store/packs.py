@@ -108,13 +108,13 @@ class PackFiles:
         with self._lock:
             self._written(runs)
         for pack_id in filled:
-            self.start_writeback(pack_id)
+            self._start_writeback(pack_id)
         return [(pack.id, offset) for pack, offset in places]
 
-    def start_writeback(self, pack_id: int) -> None:
+    def _start_writeback(self, pack_id: int) -> None:
         """Asks the kernel to start writing a pack's dirty pages to disk now rather than at the
-        next fsync (which then waits for less: 1 GiB written and fsynced, the fsync took 0.63 s
-        against 0.02 s, measured on a virtio disk). Only a hint: an append still running into
+        next fsync (which then waits for less: 32 files of 32 MiB written, then fsynced, took 0.63 s
+        to fsync, 0.02 s with this; a virtio disk). Only a hint: an append still running into
         the pack is written by that fsync."""
         if _sync_file_range is None:
             return

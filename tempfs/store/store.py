@@ -763,7 +763,8 @@ class Store:
         if offset > node.size:
             await self.blocks.cut_tail(ino, node.size, node.area)
         await self.blocks.write(ino, offset, data, node.area, size=node.size)
-        size = self.inode(ino).size  # now: a truncation may have run during the write
+        held = self._held.get(ino, {})  # the size now: a truncation may have run during the write
+        size = held["size"] if "size" in held else self.inode(ino).size
         now = self.clock()
         self._hold(ino, {"size": max(size, offset + len(data)), "mtime_ns": now, "ctime_ns": now})
         self._emptied.pop(ino, None)
