@@ -1,9 +1,11 @@
 """Pack files (tempfs.store.packs): appends land where they say, across pack boundaries and short
-writes, and a failed append leaves nothing to settle."""
+writes, a failed append leaves nothing to settle, and a sync returns only once what was
+appended before it is durable."""
 from __future__ import annotations
 
 import errno
 import os
+import threading
 
 import pytest
 
@@ -76,3 +78,29 @@ def test_a_pack_that_fills_up_has_its_writeback_started_and_the_kernel_takes_the
     packs.settle([first, second])
     packs.close()
     assert started == [(f"{first:016x}", 0)]  # a pack ended without filling up is left to the kernel
+
+
+def test_a_sync_returns_only_after_the_one_fsyncing_the_packs_it_needs(tmp_path, monkeypatch):
+    packs = PackFiles(tmp_path / "packs")
+    pack, _ = packs.append(b"x" * 100, "cache")
+    fsyncing, finish = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        fsyncing.set()
+        finish.wait(10)
+        real_fsync(fd)
+    monkeypatch.setattr(packs_module.os, "fsync", slow_fsync)
+    first = threading.Thread(target=packs.sync)  # two fsync(2) requests, in two worker threads
+    first.start()
+    assert fsyncing.wait(10)
+    second = threading.Thread(target=packs.sync)  # finds nothing pending: the first took the pack
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # its caller's data is not durable yet
+    finish.set()
+    first.join(10)
+    second.join(10)
+    assert not first.is_alive() and not second.is_alive()
+    packs.settle([pack])
+    packs.close()

@@ -22,7 +22,7 @@ from tempfs.layout import Kind
 from tempfs.store import (ROOT_INODE, BlockReadError, DamagedMetadata, Store, StoreError, StoreLockedError,
                           StoreOpenError, WrongKeyError)
 from tempfs.store.check import check_store
-from tempfs.store.db import _BLOCK_TRIGGERS, SCHEMA_VERSION
+from tempfs.store.db import _BLOCK_TRIGGERS, SCHEMA_VERSION, Database
 from tempfs.store.blocks import MAX_PATCHES
 from tempfs.store.patch import apply
 from tempfs.store.store import BLOCK_SIZE, MAX_FILE_SIZE
@@ -1966,3 +1966,17 @@ def test_a_pack_that_cannot_be_started_fails_the_append_and_the_next_starts_afre
     packs.close()
     assert packs.read(first, 0, 10) == b"x" * 10 and packs.read(second, 0, 10) == b"y" * 10
     assert not packs.busy(first) and not packs.busy(second)
+
+
+def test_a_durable_commit_leaves_the_fsync_of_its_log_to_the_work_it_returns(tmp_path, monkeypatch):
+    db = Database(tmp_path / "m.sqlite")
+    synced = []
+    monkeypatch.setattr(Database, "_fsync", staticmethod(synced.append))
+    db.conn.execute("CREATE TABLE t (v BLOB)")
+    after = db.commit_deferred(durable=True)  # on the daemon's request thread...
+    assert synced == []
+    after()  # ...and this in a worker, before the fsync(2) that asked for it is answered
+    assert synced == [tmp_path / "m.sqlite-wal"]
+    db.commit(durable=True)
+    assert len(synced) == 2
+    db.close()

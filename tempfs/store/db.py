@@ -409,7 +409,8 @@ class Database:
 
     def commit_deferred(self, durable: bool = False) -> Callable[[], None]:
         """Commits, and returns the after-commit work now due as one callable for the caller
-        to run later, e.g. in a worker thread (it only touches files)."""
+        to run later, e.g. in a worker thread (it only touches files); for a `durable` commit,
+        that starts with the fsync of the WAL, and the commit is durable once it returns."""
         try:
             self.conn.commit()
         except sqlite3.Error:
@@ -417,10 +418,14 @@ class Database:
             raise
         if self._shred:
             self._shred = not self._checkpointed()
-        if durable:
-            self._fsync(Path(str(self.path) + "-wal"))
         hooks, self._after_commit = self._after_commit, []
-        return lambda: _run_all(hooks)
+        wal = Path(str(self.path) + "-wal") if durable else None
+
+        def after_commit() -> None:
+            if wal is not None:
+                self._fsync(wal)
+            _run_all(hooks)
+        return after_commit
 
     def _checkpointed(self) -> bool:
         """Copies the WAL into the main file and truncates it. Another process reading the

@@ -11,7 +11,8 @@ Guarantees:
 - Bytes are only appended past every reservation made so far, never written over, so the bytes
   a row points at never change while it does.
 - `sync()` makes every append since the last sync durable (and the folder entry of each new
-  pack), so metadata committed after it never points at data a power cut lost. A pack that
+  pack), so metadata committed after it never points at data a power cut lost; a sync that
+  starts while another runs returns only after it (that one may be fsyncing its packs). A pack that
   fills up has its writeback started at once (sync_file_range, no waiting), so an fsync after a
   large write finds most of it on disk already instead of writing it all then.
 - A pack is deleted only when `busy()` is false: it is not being appended to and every append
@@ -57,6 +58,7 @@ class PackFiles:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._lock = threading.Lock()  # appends run in worker threads
+        self._sync_lock = threading.Lock()  # held through a sync's fsyncs
         self._open: dict[Hashable, _OpenPack] = {}  # stream -> the pack it appends to
         self._unsettled: Counter[int] = Counter()  # pack -> appends whose row is not settled
         self._unsynced: set[int] = set()
@@ -216,6 +218,12 @@ class PackFiles:
 
     def sync(self) -> None:
         """fsyncs every pack appended to since the last sync, and the folder if a pack was made."""
+        # held through the fsyncs: a sync that finds nothing pending may come while another,
+        # which took the packs its caller appended to, is still fsyncing them
+        with self._sync_lock:
+            self._sync_pending()
+
+    def _sync_pending(self) -> None:
         with self._lock:
             pending, self._unsynced = self._unsynced, set()
             folder, self._folder_unsynced = self._folder_unsynced, False
