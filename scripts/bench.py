@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,8 @@ REPO = Path(__file__).resolve().parent.parent
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SMALL_FILES = 5000
 TAR_FILES = 10_000
-WORKLOADS = ("seq", "rand", "compressible", "small", "tar", "vision")
+BESIDE_FILES = 2000
+WORKLOADS = ("seq", "rand", "compressible", "small", "tar", "vision", "fsync")
 FS_KINDS = ("plain", "bindfs", "gocryptfs", "tempfs")
 # on request only: scripts/memfs.py, a pyfuse3 filesystem in dicts, doing no work: how fast any
 # filesystem served by pyfuse3's request loop can be here (the ceiling tempfs works under)
@@ -512,6 +514,42 @@ class Runner:
             self.fig.add("unlink_reclaimed", SMALL_FILES / (time.perf_counter() - t0), "files/s")
         folder.rmdir()
 
+    # -- small files created while another program fsyncs beside them (a database, a journal)
+    def w_fsync(self) -> None:
+        """A filesystem that stalls every request while it waits for the disk shows it here."""
+        folder = self.root / "beside"
+        folder.mkdir()
+        stop, synced = threading.Event(), [0]
+        data = self.content.small_files()
+
+        def journal() -> None:
+            fd = os.open(folder / "journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                while not stop.is_set():
+                    os.write(fd, data[synced[0] % len(data)])
+                    os.fsync(fd)
+                    synced[0] += 1
+            finally:
+                os.close(fd)
+        names = [os.fsencode(folder / f"f{i:05d}") for i in range(BESIDE_FILES)]
+        syncer = threading.Thread(target=journal)
+        syncer.start()
+        try:
+            with self.phase("create_beside_fsync", BESIDE_FILES * 4096):
+                time.sleep(0.5)  # the journal's writes under way
+                t0, synced0 = time.perf_counter(), synced[0]
+                for name, d in zip(names, data):
+                    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    os.write(fd, d)
+                    os.close(fd)
+                elapsed, fsyncs = time.perf_counter() - t0, synced[0] - synced0
+        finally:
+            stop.set()
+            syncer.join()
+        self.fig.add("create_beside_fsync", BESIDE_FILES / elapsed, "files/s")
+        self.fig.add("fsync_beside_create", fsyncs / elapsed, "fsyncs/s")
+        shutil.rmtree(folder)
+
     # -- tar x of a tree of small files
     def w_tar(self) -> None:
         tarball = self.content.tarball(self.scratch)
@@ -789,6 +827,7 @@ TARGETS = {
     "rand_write_4k": (True, 1.0), "seq_write_compressible": (True, 2.0), "create_4k": (True, 1.0),
     "create_4k_stored": (True, None),
     "stat_cold": (True, 1.0), "unlink": (True, 1.0), "unlink_reclaimed": (True, None), "tar_x": (True, 1.0), "rm_tree": (True, None),
+    "create_beside_fsync": (True, None), "fsync_beside_create": (True, None),
     "vision_write": (True, None), "vision_write_files": (True, None), "vision_read_cold": (True, None),
     "vision_stored": (False, None), "compressible_stored": (False, None), "daemon_peak_rss": (False, None),
     "daemon_cpu_seq_write": (False, None), "daemon_cpu_all": (False, None),
