@@ -12,9 +12,9 @@ Guarantees:
   a row points at never change while it does.
 - `sync()` makes every append since the last sync durable (and the folder entry of each new
   pack), so metadata committed after it never points at data a power cut lost; a sync that
-  starts while another runs returns only after it (that one may be fsyncing its packs). A pack that
-  fills up has its writeback started at once (sync_file_range, no waiting), so an fsync after a
-  large write finds most of it on disk already instead of writing it all then.
+  starts while another runs returns only after it (that one may be fsyncing its packs). A
+  pack that fills up has its writeback started at once (sync_file_range, no waiting), so an
+  fsync after a large write finds most of it on disk already instead of writing it all then.
 - A pack is deleted only when `busy()` is false: it is not being appended to and every append
   into it has been settled (its row inserted, or given up), so no reference can be on its way.
   A pack emptied while being appended to is ended (`release`), so it goes too.
