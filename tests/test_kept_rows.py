@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import trio
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -280,6 +281,38 @@ def test_attributes_set_are_held_back_like_sizes_and_answered_until_written(tmp_
     store.close()
 
 
+def test_a_folder_s_link_count_and_times_are_held_back_as_names_come_and_go(tmp_path):
+    """Creating, removing and renaming names in a folder (a file at a time under `tar x` or
+    `rm -r`) writes the folder's row once a commit, not once a name; it is answered meanwhile,
+    and a removed name's link count too."""
+    key = os.urandom(MASTER_KEY_BYTES)
+    now = [1_700_000_000_000_000_000]
+    store, leaf = opened(tmp_path / "store", key, lambda: now[0])
+    before = store.inode(leaf).nlink
+    store.commit_now()
+    statements: list[str] = []
+    store.db.conn.set_trace_callback(statements.append)
+    files = [store.make(leaf, name, stat.S_IFREG | 0o644, UID, GID).id for name in NAMES]
+    store.make(leaf, b"sub", stat.S_IFDIR | 0o755, UID, GID)
+    now[0] += 1_000_000
+    store.rename(leaf, b"a", leaf, b"z")
+    removed = store.unlink(leaf, b"b", want_dir=False)
+    assert not any(sql.startswith("UPDATE inodes") for sql in statements)
+    folder = store.inode(leaf)
+    assert (folder.nlink, folder.mtime_ns, folder.ctime_ns) == (before + 1, now[0], now[0])
+    assert removed.nlink == 0 and store.inode(files[1]).nlink == 0
+    assert store.inode(files[0]).ctime_ns == now[0]  # a rename changes the file's ctime
+    store.commit_now()
+    store.close()
+    store, _ = opened(tmp_path / "store", key, lambda: now[0])
+    folder = store.inode(leaf)
+    assert (folder.nlink, folder.mtime_ns, folder.ctime_ns) == (before + 1, now[0], now[0])
+    assert store.inode(files[0]).ctime_ns == now[0]
+    with pytest.raises(StoreError):
+        store.inode(files[1])  # unnamed: gone at the reopen
+    store.close()
+
+
 def test_a_deleted_file_the_kernel_still_knows_frees_its_blocks_once_in_few_statements(tmp_path):
     store, leaf = opened(tmp_path / "store", os.urandom(MASTER_KEY_BYTES), time.time_ns)
     ino = store.make(leaf, b"f", stat.S_IFREG | 0o644, UID, GID).id
@@ -294,8 +327,9 @@ def test_a_deleted_file_the_kernel_still_knows_frees_its_blocks_once_in_few_stat
     store.remove_inode(ino)  # the kernel forgot it
     assert store.reclaim() == 1
     assert sum(sql.startswith("DELETE FROM blocks") for sql in statements) == 1
-    # the link count, then the size; each last reference dropped in one
-    assert sum(sql.startswith("UPDATE inodes") and "WHERE id=?" in sql for sql in statements) == 3  # + the folder
+    # the size; the link count (and the folder's) is held back, written before it in one
+    # statement per set of columns; each last reference dropped in one
+    assert sum(sql.startswith("UPDATE inodes") and "WHERE id=?" in sql for sql in statements) == 1
     assert sum(sql.startswith("DELETE FROM objects") for sql in statements) == 3
     assert not any(sql.startswith("UPDATE objects") for sql in statements)
     assert store.db.one("SELECT COUNT(*) FROM blocks WHERE inode=?", (ino,)) == (0,)

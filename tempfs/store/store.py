@@ -143,9 +143,10 @@ class Store:
         self._reclaim_wanted = trio.Event()
         self._used: dict[int, int] = {}  # touch_used() times not written yet
         # inode columns changed and not written yet (written files' size and times, setattr's
-        # owner, mode and times): one statement a commit, not one a request (`tar x` sets three
-        # attributes of each file). inode() and named() answer with them; any other statement
-        # that names the inodes table writes them first
+        # owner, mode and times, a folder's link count and times as names come and go in it, a
+        # removed name's link count): one statement a commit, not one a request (`tar x` sets
+        # three attributes of each file, and adds a name to a folder). inode() and named()
+        # answer with them; any other statement that names the inodes table writes them first
         self._held: dict[int, dict[str, int]] = {}
         self.db.hold_back("inodes", self._write_held)
         self.packs = PackFiles(path / "packs")
@@ -477,7 +478,7 @@ class Store:
             raise StoreError(errno.ENOTEMPTY)
 
     def _moved(self, node: Inode, old_parent: int, new_parent: int, now: int) -> None:
-        self.db.change("UPDATE inodes SET ctime_ns=? WHERE id=?", (now, node.id), (node.id,))
+        self._hold(node.id, {"ctime_ns": now})
         delta = 1 if node.is_dir and old_parent != new_parent else 0
         self._touch_folder(old_parent, now, -delta)
         self._touch_folder(new_parent, now, delta)
@@ -558,6 +559,8 @@ class Store:
 
     def _reclaim_one(self, ino: int, remove: bool) -> None:
         row = self.db.keyed_one(ino, _INODE_QUERY, (ino,), held_ok=True)
+        if row is not None and ino in self._held:
+            row = _with_held(row, self._held[ino])  # its link count, if unlinked since the last commit
         node = None if row is None else Inode(*row)  # as stored: a damaged symlink target goes too
         if node is None or node.nlink > 0:
             return  # gone already, or named again (a rollback undid its removal)
@@ -674,7 +677,7 @@ class Store:
         key = (parent, self.names.name(parent, name))
         self.db.change("DELETE FROM entries WHERE parent=? AND name=?", key, (key,))
         nlink = 0 if node.is_dir else node.nlink - 1
-        self.db.change("UPDATE inodes SET nlink=?, ctime_ns=? WHERE id=?", (nlink, now, node.id), (node.id,))
+        self._hold(node.id, {"nlink": nlink, "ctime_ns": now})
         if nlink == 0:
             self.unlinked.add(node.id)
             if discard:
@@ -683,13 +686,13 @@ class Store:
         return replace(node, nlink=nlink, ctime_ns=now)
 
     def _touch_folder(self, ino: int, now: int, nlink_delta: int) -> None:
-        self._update_kept(ino, "nlink=nlink+?, mtime_ns=?, ctime_ns=?", (nlink_delta, now, now),
-                          held_ok=ino not in self._held)  # what is held of it goes first
+        folder = self.inode(ino)
+        self._hold(ino, {"nlink": folder.nlink + nlink_delta, "mtime_ns": now, "ctime_ns": now})
 
-    def _update_kept(self, ino: int, assignments: str, args: tuple, held_ok: bool = False) -> None:
+    def _update_kept(self, ino: int, assignments: str, args: tuple) -> None:
         """Changes an inode's columns and keeps the row it has now (no read when it is next asked for)."""
         rows = self.db.change(f"UPDATE inodes SET {assignments} WHERE id=? RETURNING {_INODE_COLUMNS}",
-                              (*args, ino), (ino,), held_ok)
+                              (*args, ino), (ino,))
         if rows:
             self.db.keep(ino, rows[0])
 
@@ -701,7 +704,7 @@ class Store:
         self._held.pop(ino, None)
         if self.db.kept(_xattrs_key(ino)) is not False:
             self.db.change("DELETE FROM xattrs WHERE inode=?", (ino,), (_xattrs_key(ino),))
-        self.db.change("DELETE FROM inodes WHERE id=?", (ino,), (ino,))
+        self.db.change("DELETE FROM inodes WHERE id=?", (ino,), (ino,), held_ok=True)  # nothing held of it now
         self.unlinked.discard(ino)
 
     def _purge_unlinked(self) -> None:
