@@ -1,4 +1,5 @@
-"""Unit tests of tempfs.store.patch: overlays against a model block, and malformed patches."""
+"""Unit tests of tempfs.store.patch: overlays against a model block, and malformed patches; and
+of the whole dirty block (blocks.DirtyBlock) against the same model."""
 from __future__ import annotations
 
 import struct
@@ -8,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tempfs.codec import IntegrityError
+from tempfs.store.blocks import DirtyBlock
 from tempfs.store.patch import Overlay, apply
 
 BLOCK = 64
@@ -40,6 +42,24 @@ def test_an_overlay_over_a_block_reads_as_the_writes_and_cuts_made_on_the_block(
     spans = overlay.spans()
     assert all(s < e for s, e in spans) and all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
     assert overlay.encoded_size() == len(overlay.encode())
+
+
+@settings(max_examples=400, deadline=None)
+@given(base=st.binary(max_size=BLOCK), steps=steps)
+def test_a_dirty_block_reads_as_the_writes_and_cuts_made_on_it(base, steps):
+    model = bytearray(base)
+    block = DirtyBlock(bytearray(base))
+    for step in steps:
+        if isinstance(step, int):
+            block.cut(step)
+            del model[step:]
+            continue
+        start, piece = step
+        piece = piece[:BLOCK - start]
+        block.put(start, memoryview(piece))
+        model.extend(bytes(max(0, start - len(model))))
+        model[start:start + len(piece)] = piece
+        assert block.data == model
 
 
 def test_writes_that_touch_merge_into_one_extent():
