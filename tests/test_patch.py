@@ -18,21 +18,29 @@ writes = st.tuples(st.integers(0, BLOCK - 1), st.binary(min_size=1, max_size=BLO
 steps = st.lists(st.one_of(writes, st.integers(0, BLOCK)), max_size=30)  # an int: a cut
 
 
+def replay(base: bytes, steps: list, write, cut, check=lambda model: None) -> bytearray:
+    """Runs `steps` through write(start, piece) and cut(keep) and on a model block (a
+    bytearray) that starts as `base`; returns the model. `check` runs after each step."""
+    model = bytearray(base)
+    for step in steps:
+        if isinstance(step, int):
+            cut(step)
+            del model[step:]
+        else:
+            start, piece = step
+            piece = piece[:BLOCK - start]
+            write(start, piece)
+            model.extend(bytes(max(0, start - len(model))))
+            model[start:start + len(piece)] = piece
+        check(model)
+    return model
+
+
 @settings(max_examples=400, deadline=None)
 @given(base=st.binary(max_size=BLOCK), steps=steps)
 def test_an_overlay_over_a_block_reads_as_the_writes_and_cuts_made_on_the_block(base, steps):
-    model = bytearray(base)
     overlay = Overlay(BLOCK)
-    for step in steps:
-        if isinstance(step, int):
-            overlay.truncate(step)
-            del model[step:]
-            continue
-        start, piece = step
-        piece = piece[:BLOCK - start]
-        overlay.write(start, piece)
-        model.extend(bytes(max(0, start - len(model))))
-        model[start:start + len(piece)] = piece
+    model = replay(base, steps, overlay.write, overlay.truncate)
     # a block may come out shorter than the model, by zeros: what it lacks reads as zeros
     # anyway (a block never reaches past its file's end, and a file grown reads zeros)
     block = overlay.over(base)
@@ -47,19 +55,12 @@ def test_an_overlay_over_a_block_reads_as_the_writes_and_cuts_made_on_the_block(
 @settings(max_examples=400, deadline=None)
 @given(base=st.binary(max_size=BLOCK), steps=steps)
 def test_a_dirty_block_reads_as_the_writes_and_cuts_made_on_it(base, steps):
-    model = bytearray(base)
     block = DirtyBlock(bytearray(base))
-    for step in steps:
-        if isinstance(step, int):
-            block.cut(step)
-            del model[step:]
-            continue
-        start, piece = step
-        piece = piece[:BLOCK - start]
-        block.put(start, memoryview(piece))
-        model.extend(bytes(max(0, start - len(model))))
-        model[start:start + len(piece)] = piece
+
+    def check(model: bytearray) -> None:
         assert block.data == model
+
+    replay(base, steps, lambda start, piece: block.put(start, memoryview(piece)), block.cut, check)
 
 
 def test_writes_that_touch_merge_into_one_extent():
