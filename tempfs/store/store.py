@@ -314,16 +314,18 @@ class Store:
 
     def _inode_of(self, row: tuple) -> Inode:
         """The inode of a row read from the database, with what was written to it since."""
-        held = self._held.get(row[0])
-        if held is not None:
-            row = _with_held(row, held)
-        node = Inode(*row)
+        node = Inode(*self._current(row))
         if node.target is not None:
             try:
                 node.target = self.names.plain_target(node.id, node.target)
             except IntegrityError:
                 raise DamagedMetadata(node.id, "the symlink target") from None
         return node
+
+    def _current(self, row: tuple) -> tuple:
+        """An inode row read from the database, with the columns held back since (_hold)."""
+        held = self._held.get(row[0])
+        return row if held is None else _with_held(row, held)
 
     def lookup(self, parent: int, name: bytes) -> Optional[int]:
         key = (parent, self.names.name(parent, name))
@@ -559,9 +561,9 @@ class Store:
 
     def _reclaim_one(self, ino: int, remove: bool) -> None:
         row = self.db.keyed_one(ino, _INODE_QUERY, (ino,), held_ok=True)
-        if row is not None and ino in self._held:
-            row = _with_held(row, self._held[ino])  # its link count, if unlinked since the last commit
-        node = None if row is None else Inode(*row)  # as stored: a damaged symlink target goes too
+        # its link count as held (unlinked since the last commit); its symlink target as stored,
+        # so that a damaged one goes too
+        node = None if row is None else Inode(*self._current(row))
         if node is None or node.nlink > 0:
             return  # gone already, or named again (a rollback undid its removal)
         if remove:
