@@ -245,9 +245,11 @@ class Store:
         if shred:
             self.reclaim()  # what waits holds keys and names the shred is asked to leave no trace of
             self.db.shred_after_commit()
-        self._write_behind()
         if durable:
             await trio.to_thread.run_sync(self.packs.sync)
+        # after that wait, with none before the commit: what is held back joins the changes that
+        # came meanwhile (a name removed, and its link count held, must commit together)
+        self._write_behind()
         if durable or self.db.dirty:
             await trio.to_thread.run_sync(self.db.commit_deferred(durable))
 
