@@ -98,9 +98,11 @@ def test_a_sync_returns_only_after_the_one_fsyncing_the_packs_it_needs(tmp_path,
     second.start()
     second.join(0.5)
     assert second.is_alive()  # its caller's data is not durable yet
+    assert not packs.synced()  # nor is it for a caller who asks without waiting
     finish.set()
     first.join(10)
     second.join(10)
     assert not first.is_alive() and not second.is_alive()
+    assert packs.synced()
     packs.settle([pack])
     packs.close()

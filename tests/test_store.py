@@ -1980,3 +1980,36 @@ def test_a_durable_commit_leaves_the_fsync_of_its_log_to_the_work_it_returns(tmp
     db.commit(durable=True)
     assert len(synced) == 2
     db.close()
+
+
+@trio_test
+async def test_a_durable_commit_covers_the_pack_bytes_of_rows_added_while_it_waited_for_their_fsync(opener, monkeypatch):
+    """The flusher runs while a durable commit waits for the packs' fsync: the rows it adds meanwhile join
+    that commit, so their bytes must be synced by it too, or a power cut leaves rows pointing at nothing."""
+    from tempfs.store import packs as packs_module
+    store = opener()
+    folder = leaf(store)
+    first, second = new_file(store, folder, b"first"), new_file(store, folder, b"second")
+    synced: dict[str, int] = {}  # pack file -> its size at its last fsync
+    real_fsync = os.fsync
+
+    def recorded_fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced[os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))] = os.fstat(fd).st_size
+    monkeypatch.setattr(packs_module.os, "fsync", recorded_fsync)
+    real_sync, flushed_meanwhile = store.packs.sync, []
+
+    def sync_while_the_flusher_runs() -> None:
+        real_sync()
+        if not flushed_meanwhile:
+            flushed_meanwhile.append(trio.from_thread.run(store.blocks.flush_inode, second))
+    monkeypatch.setattr(store.packs, "sync", sync_while_the_flusher_runs)
+    await store.write(first, 0, os.urandom(BLOCK_SIZE))
+    await store.write(second, 0, os.urandom(BLOCK_SIZE))
+    await store.blocks.flush_inode(first)
+    await store.commit(durable=True)
+    assert flushed_meanwhile
+    rows = list(store.db.execute("SELECT pack, offset + stored_size FROM objects WHERE pack IS NOT NULL"))
+    assert len(rows) == 2
+    for pack, end in rows:
+        assert synced.get(store.packs.path(pack).name, 0) >= end

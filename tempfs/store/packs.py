@@ -223,6 +223,11 @@ class PackFiles:
         with self._sync_lock:
             self._sync_pending()
 
+    def synced(self) -> bool:
+        """Whether every append made so far is durable: none waits for a sync, none is in one."""
+        with self._lock:
+            return not self._unsynced and not self._folder_unsynced and not self._sync_lock.locked()
+
     def _sync_pending(self) -> None:
         with self._lock:
             pending, self._unsynced = self._unsynced, set()

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 ROOT_INODE = 1
 BLOCK_SIZE = 128 * 1024
 COMMIT_INTERVAL = 1.0
+SYNC_ROUNDS = 3  # a durable commit's syncs of the packs before the last, which blocks (Store._sync_packs)
 MAX_FILE_SIZE = 2**63 - 1
 COMPACT_INTERVAL = 30.0  # seconds between looks for mostly dead packs
 RECLAIM_DEAD = 0.01      # when the disk is short, a pack this dead is compacted
@@ -246,12 +247,22 @@ class Store:
             self.reclaim()  # what waits holds keys and names the shred is asked to leave no trace of
             self.db.shred_after_commit()
         if durable:
-            await trio.to_thread.run_sync(self.packs.sync)
+            await self._sync_packs()
         # after that wait, with none before the commit: what is held back joins the changes that
         # came meanwhile (a name removed, and its link count held, must commit together)
         self._write_behind()
         if durable or self.db.dirty:
             await trio.to_thread.run_sync(self.db.commit_deferred(durable))
+
+    async def _sync_packs(self) -> None:
+        """Makes every pack append whose row may be in the open transaction durable. The flusher
+        runs while a sync waits, and its rows join this transaction: synced again until a sync
+        finds nothing new, and at last without yielding, so that no more can come."""
+        for _ in range(SYNC_ROUNDS):
+            await trio.to_thread.run_sync(self.packs.sync)
+            if self.packs.synced():
+                return
+        self.packs.sync()
 
     async def compact(self, min_dead: float = COMPACT_DEAD, max_packs: int = 8, idle: float = COMPACT_IDLE) -> int:
         """Moves what lives in packs at least `min_dead` dead (by bytes) to new packs, and
