@@ -11,8 +11,9 @@ overwrite  a quarter of --size written over the same file 4 more times, synced a
 patch      PATCH_WRITES random 4 KiB writes over a stored file of --size, then a sync: what a
            random write costs once the kernel hands it over (each is stored as a patch)
 
-Prints, as bench.py does, one `name value unit` line per figure: per workload its wall and CPU
-seconds (all threads of this process) and its rate.
+The flusher and the committer run as in the daemon. Prints, as bench.py does, one `name value
+unit` line per figure: per workload its wall and CPU seconds (all threads of this process) and
+its rate.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ async def _write(store: Store, ino: int, blocks: list[bytes]) -> list[tuple[floa
     """Writes `blocks` from offset 0 and syncs; [(wall, cpu)]."""
     async with trio.open_nursery() as nursery:
         await nursery.start(store.blocks.run_flusher)
+        await nursery.start(store.run_committer)  # as the daemon does: a commit a second
         wall, cpu = time.perf_counter(), time.process_time()
         for i, block in enumerate(blocks):
             await store.write(ino, i * MiB, block)
@@ -57,6 +59,7 @@ async def _patch(store: Store, ino: int, size: int, pool: bytes) -> list[tuple[f
     rng = random.Random(1)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.blocks.run_flusher)
+        await nursery.start(store.run_committer)  # as the daemon does: a commit a second
         wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(PATCH_WRITES):
             at = rng.randrange(size // 4096) * 4096
