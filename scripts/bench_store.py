@@ -9,7 +9,8 @@ text       log lines (bench.py's compressible content: lz4 shrinks a block to ~2
 overwrite  a quarter of --size written over the same file 4 more times, synced after each pass
            (every pass kills the last one's objects: the churn of a temp store)
 patch      PATCH_WRITES random 4 KiB writes over a stored file of --size, then a sync: what a
-           random write costs once the kernel hands it over (each is stored as a patch)
+           random write costs once the kernel hands it over (stored as patches: how many a
+           write made, patches_per_write)
 
 The flusher and the committer run as in the daemon. Prints, as bench.py does, one `name value
 unit` line per figure: per workload its wall and CPU seconds (all threads of this process) and
@@ -93,12 +94,14 @@ def run(name: str, size: int, where: Path, content: Content) -> None:
             blocks = content.blocks("random" if name == "fresh" else "text", size)
             timings = trio.run(_write, store, ino, blocks)
             written = len(blocks) * MiB
+        patches = store.blocks.patches_stored
         store.close()
         wall, cpu = sum(t[0] for t in timings), sum(t[1] for t in timings)
         print(f"{name}_seconds {wall:.2f} s\n{name}_cpu {cpu:.2f} s\n{name}_rate {written / MiB / wall:.0f} MiB/s",
               flush=True)
         if name == "patch":
-            print(f"patch_write {wall / PATCH_WRITES * 1e6:.0f} us", flush=True)
+            print(f"patch_write {wall / PATCH_WRITES * 1e6:.0f} us\npatches_per_write {patches / PATCH_WRITES:.2f} count",
+                  flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -24,6 +24,7 @@ from tempfs.store import (ROOT_INODE, BlockReadError, DamagedMetadata, Store, St
                           StoreOpenError, WrongKeyError)
 from tempfs.store.check import check_store
 from tempfs.store.db import _BLOCK_TRIGGERS, SCHEMA_VERSION, Database
+from tempfs.store import blocks as blocks_module
 from tempfs.store.blocks import MAX_PATCHES
 from tempfs.store.patch import apply
 from tempfs.store.store import BLOCK_SIZE, MAX_FILE_SIZE, SYNC_ROUNDS
@@ -1865,6 +1866,64 @@ async def test_small_writes_into_stored_blocks_count_at_what_they_hold_not_whole
     await store.sync()
     assert store.blocks.held_bytes == 0
     assert await store.read(f, 0, len(data)) == data
+
+
+@pytest.mark.timeout(30)
+@trio_test
+async def test_under_pressure_the_flusher_stores_the_overlays_holding_most_and_keeps_the_others(opener, monkeypatch):
+    """Overlays on a stored file: 8 blocks with 4 writes each, then 90 with one each, past half
+    of a dirty budget of 8 blocks. Woken by that pressure (no block is old enough), the flusher
+    stores the 8 largest overlays and only as many small ones as bring what is held down to
+    PRESSURE_LEFT of half the budget: the others stay in memory to take more writes."""
+    monkeypatch.setattr("tempfs.store.blocks.FLUSH_AGE", 7200.0)
+    monkeypatch.setattr("tempfs.store.blocks.OVERLAY_AGE", 7200.0)
+    heavy, light = range(8), range(8, 98)
+    store = opener(dirty_limit=8 * BLOCK_SIZE, cache_limit=0)
+    f = new_file(store, leaf(store), b"frames.raw")
+    data = bytearray(random.Random(31).randbytes((len(heavy) + len(light)) * BLOCK_SIZE))
+    rng = random.Random(32)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.blocks.run_flusher)
+        await store.write(f, 0, bytes(data))
+        await store.sync()
+        for b in [*heavy] * 4 + [*light]:
+            at = b * BLOCK_SIZE + rng.randrange(BLOCK_SIZE // 8192) * 8192  # never adjacent: a piece each
+            piece = rng.randbytes(4096)
+            await store.write(f, at, piece)
+            data[at:at + 4096] = piece
+        await trio.sleep(0.05)  # the flusher's turn
+        dirty = {blockno for _, blockno in store.blocks.dirty}
+        assert not dirty & set(heavy)
+        assert len(dirty) >= len(light) * 2 // 3
+        assert store.blocks.held_bytes <= store.blocks.dirty_limit // 2 * blocks_module.PRESSURE_LEFT
+        nursery.cancel_scope.cancel()
+    await store.sync()
+    assert await store.read(f, 0, len(data)) == data
+
+
+@pytest.mark.timeout(30)
+@trio_test
+async def test_an_overlay_waits_longer_than_a_whole_block_before_it_is_stored(opener, monkeypatch):
+    """With no pressure, a new file's block is stored once FLUSH_AGE old; a change to part of a
+    stored block waits for OVERLAY_AGE, so that more changes land in the same patch."""
+    monkeypatch.setattr("tempfs.store.blocks.FLUSH_AGE", 0.05)
+    monkeypatch.setattr("tempfs.store.blocks.OVERLAY_AGE", 7200.0)
+    store = opener()
+    folder = leaf(store)
+    stored, new = new_file(store, folder, b"stored"), new_file(store, folder, b"new")
+    await store.write(stored, 0, random.Random(33).randbytes(BLOCK_SIZE))
+    await store.sync()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.blocks.run_flusher)
+        await store.write(stored, 4096, b"x" * 4096)
+        await store.write(new, 0, b"y" * 4096)
+        await trio.sleep(0.3)
+        assert set(store.blocks.dirty) == {(stored, 0)}
+        monkeypatch.setattr("tempfs.store.blocks.OVERLAY_AGE", 0.05)
+        await trio.sleep(0.3)
+        assert not store.blocks.dirty and store.blocks.patches_stored == 1
+        nursery.cancel_scope.cancel()
+    assert await store.read(stored, 4096, 4096) == b"x" * 4096
 
 
 # ---- bugs found -------------------------------------------------------------------------
