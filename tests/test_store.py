@@ -1887,7 +1887,7 @@ async def test_under_pressure_the_flusher_stores_the_overlays_holding_most_and_k
         await store.write(f, 0, bytes(data))
         await store.sync()
         for b in [*heavy] * 4 + [*light]:
-            at = b * BLOCK_SIZE + rng.randrange(BLOCK_SIZE // 8192) * 8192  # never adjacent: a piece each
+            at = b * BLOCK_SIZE + rng.randrange(BLOCK_SIZE // 8192) * 8192  # never adjacent: merged only if equal
             piece = rng.randbytes(4096)
             await store.write(f, at, piece)
             data[at:at + 4096] = piece
@@ -1917,11 +1917,16 @@ async def test_an_overlay_waits_longer_than_a_whole_block_before_it_is_stored(op
         await nursery.start(store.blocks.run_flusher)
         await store.write(stored, 4096, b"x" * 4096)
         await store.write(new, 0, b"y" * 4096)
-        await trio.sleep(0.3)
+        with trio.fail_after(10):
+            while (new, 0) in store.blocks.dirty:
+                await trio.sleep(0.01)
+        await trio.sleep(0.1)  # a few more of the flusher's rounds
         assert set(store.blocks.dirty) == {(stored, 0)}
         monkeypatch.setattr("tempfs.store.blocks.OVERLAY_AGE", 0.05)
-        await trio.sleep(0.3)
-        assert not store.blocks.dirty and store.blocks.patches_stored == 1
+        with trio.fail_after(10):
+            while store.blocks.dirty:
+                await trio.sleep(0.01)
+        assert store.blocks.patches_stored == 1
         nursery.cancel_scope.cancel()
     assert await store.read(stored, 4096, 4096) == b"x" * 4096
 
