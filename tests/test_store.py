@@ -24,8 +24,7 @@ from tempfs.store import (ROOT_INODE, BlockReadError, DamagedMetadata, Store, St
                           StoreOpenError, WrongKeyError)
 from tempfs.store.check import check_store
 from tempfs.store.db import _BLOCK_TRIGGERS, SCHEMA_VERSION, Database
-from tempfs.store import blocks as blocks_module
-from tempfs.store.blocks import MAX_PATCHES
+from tempfs.store.blocks import MAX_PATCHES, PRESSURE_LEFT
 from tempfs.store.patch import apply
 from tempfs.store.store import BLOCK_SIZE, MAX_FILE_SIZE, SYNC_ROUNDS
 
@@ -1895,7 +1894,7 @@ async def test_under_pressure_the_flusher_stores_the_overlays_holding_most_and_k
         dirty = {blockno for _, blockno in store.blocks.dirty}
         assert not dirty & set(heavy)
         assert len(dirty) >= len(light) * 2 // 3
-        assert store.blocks.held_bytes <= store.blocks.dirty_limit // 2 * blocks_module.PRESSURE_LEFT
+        assert store.blocks.held_bytes <= store.blocks.dirty_limit // 2 * PRESSURE_LEFT
         nursery.cancel_scope.cancel()
     await store.sync()
     assert await store.read(f, 0, len(data)) == data
