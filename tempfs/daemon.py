@@ -17,7 +17,7 @@ from typing import Optional
 import pyfuse3
 import trio
 
-from . import layout
+from . import layout, workers
 from .config import Access, Config
 from .fs import SCHEMA_FOLDER_MODE, TempFS
 from .monitor import Monitor
@@ -213,8 +213,7 @@ class _Daemon:
         if spin and len(os.sched_getaffinity(0)) < 2:
             log.info("one CPU to run on: the daemon sleeps between requests ([requests] spin ignored)")
             spin = 0.0
-        threads = trio.to_thread.current_default_thread_limiter()
-        return RequestWait(spin, busy=lambda: self.ops.in_flight > 0 or threads.borrowed_tokens > 0,
+        return RequestWait(spin, busy=lambda: self.ops.in_flight > 0 or workers.running() > 0,
                            counts=self.ops.monitor.totals)
 
     _terminated_by_us = False
@@ -295,7 +294,7 @@ class _Daemon:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 log.info("%s: unmounting %s", signal.Signals(signum).name, self.mountpoint)
-                result = await trio.to_thread.run_sync(fusermount_unmount, self.mountpoint)
+                result = await workers.run_sync(fusermount_unmount, self.mountpoint)
                 if result.returncode != 0:
                     # busy: stop serving; close() then detaches the mount lazily
                     log.warning("unmount failed (%s); detaching lazily", result.stderr.strip())

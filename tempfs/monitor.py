@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import trio
 
 from .clock import iso_utc
+from . import workers
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class Monitor:
         """Hands each raised alert to the alert command, one at a time."""
         task_status.started()
         async for record in self._alert_receive:
-            await trio.to_thread.run_sync(self._run_command, record)
+            await workers.run_sync(self._run_command, record)
 
     def _run_command(self, record: dict) -> None:
         env = {**os.environ, **{f"TEMPFS_ALERT_{k.upper()}": str(v) for k, v in record.items()}}

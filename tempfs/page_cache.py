@@ -24,6 +24,8 @@ from typing import Callable
 import pyfuse3
 import trio
 
+from . import workers
+
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 32 * 1024 * 1024  # bytes offered and not yet stored; more is dropped
@@ -73,7 +75,7 @@ class PageCacheFiller:
                     except trio.WouldBlock:
                         break
                 try:
-                    self.stored_bytes += await trio.to_thread.run_sync(self._store_all, batch)
+                    self.stored_bytes += await workers.run_sync(self._store_all, batch)
                 finally:
                     for ino, _, data in batch:
                         self._landed(ino, len(data))

@@ -576,14 +576,17 @@ def test_online_check_drop_during_read_is_not_damage(built, monkeypatch):
     store = built.open()
     victim = built.inodes["g"]
     real_verify = check._Checker._verify_batch
+    token = []
 
     def delete_then_verify(self, batch):
-        trio.from_thread.run_sync(_delete, store, victim)  # in the trio thread, as a program would
+        # in the trio thread, as a program would
+        trio.from_thread.run_sync(_delete, store, victim, trio_token=token[0])
         return real_verify(self, batch)
 
     monkeypatch.setattr(check._Checker, "_verify_batch", delete_then_verify)
 
     async def go():
+        token.append(trio.lowlevel.current_trio_token())
         report = await check_store(store)
         assert report.damaged == [] and report.repaired == [], report.to_dict()
         assert report.objects_checked == 5  # g's own object went before it was read

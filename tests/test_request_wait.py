@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from tempfs import request_wait
+from tempfs import request_wait, workers
 from tempfs.daemon import _Daemon
 from tempfs.request_wait import MISSES, PROBE_EVERY, ReaderLock, RequestWait, installed
 from conftest import run_script
@@ -215,7 +215,7 @@ def test_the_daemon_counts_a_handler_or_a_worker_thread_at_work_as_busy():
         ops.in_flight = 0
         release = threading.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, release.wait)
+            nursery.start_soon(workers.run_sync, release.wait)
             await trio.sleep(0.05)
             assert wait.busy()
             release.set()

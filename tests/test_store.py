@@ -2066,11 +2066,12 @@ async def test_a_durable_commit_covers_the_pack_bytes_of_rows_added_while_it_wai
         synced[os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))] = os.fstat(fd).st_size
     monkeypatch.setattr(packs_module.os, "fsync", recorded_fsync)
     real_sync, waiting = store.packs.sync, files[1:]
+    token = trio.lowlevel.current_trio_token()
 
     def sync_while_the_flusher_runs() -> None:
         real_sync()
         if waiting and threading.current_thread() is not threading.main_thread():  # a wait, not the last sync
-            trio.from_thread.run(store.blocks.flush_inode, waiting.pop(0))
+            trio.from_thread.run(store.blocks.flush_inode, waiting.pop(0), trio_token=token)
     monkeypatch.setattr(store.packs, "sync", sync_while_the_flusher_runs)
     for ino in files:
         await store.write(ino, 0, os.urandom(BLOCK_SIZE))

@@ -42,6 +42,7 @@ from typing import Callable, Iterable, Optional
 import trio
 
 from ..codec import SEAL_OVERHEAD, ContentCodec, IntegrityError
+from .. import workers
 from .db import MISSING, Database
 from .objects import MAX_OBJECT_BYTES, ObjectFiles
 from .packs import PackFiles
@@ -259,7 +260,7 @@ class BlockStore:
         its load fails, and the reader loads it again itself)."""
         try:
             async with slots:
-                loaded = await trio.to_thread.run_sync(self._load_many, facts)
+                loaded = await workers.run_sync(self._load_many, facts)
             for object_id, plain in loaded.items():
                 if not isinstance(plain, Exception):  # a failure is the reader's to report
                     self._remember(object_id, plain)
@@ -311,7 +312,7 @@ class BlockStore:
                     self.hits += 1
             if wanted:
                 facts = self._sealing_facts_of(wanted)
-                loaded = await trio.to_thread.run_sync(self._load_many, facts)
+                loaded = await workers.run_sync(self._load_many, facts)
                 failed = next(((o, e) for o, e in loaded.items() if isinstance(e, Exception)), None)
                 if failed is not None:
                     object_id, error = failed
@@ -673,7 +674,7 @@ class BlockStore:
         here = all(c.patch for c in claimed) or (
             sum(len(c.plain) for c in claimed) <= SEAL_HERE_BYTES
             and all(c.patch or len(c.plain) + SEAL_OVERHEAD <= self.inline_max for c in claimed))
-        digests = self._digests(claimed) if here else await trio.to_thread.run_sync(self._digests, claimed)
+        digests = self._digests(claimed) if here else await workers.run_sync(self._digests, claimed)
         new: dict[bytes, tuple[int, bytes, Optional[str]]] = {}
         makers: dict[bytes, _Claim] = {}  # digest -> the claim a new object is made for
         for claim, digest in zip(claimed, digests):
@@ -684,7 +685,7 @@ class BlockStore:
                 makers[digest] = claim
         items = [(object_id, plain, digest, tag, makers[digest].patch)
                  for digest, (object_id, plain, tag) in new.items()]
-        written = self._seal_and_write_many(items) if here else await trio.to_thread.run_sync(
+        written = self._seal_and_write_many(items) if here else await workers.run_sync(
             self._seal_and_write_many, items)
         added: dict[bytes, int] = {}  # digest -> the object this batch stored for it
         try:
@@ -843,7 +844,7 @@ class BlockStore:
         dead: all of them the first time (what a crash or an older daemon left), then those
         that lost objects since."""
         self.packs.seal_idle(self.dead_bytes, min_dead, idle)
-        sizes, _strays = await trio.to_thread.run_sync(self.packs.sizes)
+        sizes, _strays = await workers.run_sync(self.packs.sizes)
         if self._packs_scanned:
             live = {pack: self.db.one("SELECT coalesce(SUM(stored_size), 0) FROM objects WHERE pack=?", (pack,))[0]
                     for pack in list(self.dead_bytes)}
@@ -864,7 +865,7 @@ class BlockStore:
         """Appends the objects living in `pack` to a new pack, made durable before the rows
         point at it. The pack itself goes once that is committed durably (remove_pack_if_dead)."""
         rows = self.db.execute("SELECT id, offset, stored_size FROM objects WHERE pack=?", (pack,)).fetchall()
-        moved = await trio.to_thread.run_sync(self._copy_out, pack, rows)
+        moved = await workers.run_sync(self._copy_out, pack, rows)
         try:
             for object_id, offset, new_pack, new_offset in moved:  # unless dropped meanwhile
                 self.db.execute("UPDATE objects SET pack=?, offset=? WHERE id=? AND pack=? AND offset=?",

@@ -51,6 +51,7 @@ from typing import Callable, Iterator, Optional
 import trio
 
 from ..codec import IntegrityError
+from .. import workers
 from .objects import shards
 from .store import DAMAGED_NAME, ROOT_INODE, Store
 
@@ -119,9 +120,9 @@ class _Checker:
                  "verifying content" if self.verify else "quick")
         await self._check_object_refs()
         await self._check_tree()
-        files, strays = await trio.to_thread.run_sync(_list_object_files, self.store.objects.root,
+        files, strays = await workers.run_sync(_list_object_files, self.store.objects.root,
                                                       self.store.objects.levels)
-        packs, pack_strays = await trio.to_thread.run_sync(self.store.packs.sizes)
+        packs, pack_strays = await workers.run_sync(self.store.packs.sizes)
         await self._check_content(files, packs)
         await self._check_counters()
         await self._check_orphans(files)
@@ -369,9 +370,9 @@ class _Checker:
                 return
             start = batch[-1][0] + 1 if batch[-1][0] < MAX_ID else None
             if self.verify:
-                results = await trio.to_thread.run_sync(self._verify_batch, batch)
+                results = await workers.run_sync(self._verify_batch, batch)
             else:
-                results = await trio.to_thread.run_sync(self._sizes_on_disk, batch, files, packs)
+                results = await workers.run_sync(self._sizes_on_disk, batch, files, packs)
             for row, result in zip(batch, results):
                 self._judge(row, result)
             done += len(batch)
@@ -549,7 +550,7 @@ class _Checker:
 
     async def _remove_orphans(self, paths: list[Path], what: str, why: tuple[str, str]) -> None:
         """Removes (or, not repairing, reports) files; `why` they are orphans, in past and present."""
-        count, size = await trio.to_thread.run_sync(_remove_files if self.repair else _existing_files, paths)
+        count, size = await workers.run_sync(_remove_files if self.repair else _existing_files, paths)
         if count and self.repair:
             self._note("repaired", "orphans", f"{count} {what} ({size} bytes) {why[0]} "
                        "(left by an interrupted write): removed")

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Optional
 import trio
 
 from ..codec import ContentCodec, IntegrityError
+from .. import workers
 from ..layout import Kind
 from ..names import MetadataCipher
 from .blocks import AREA_USAGE, COMPACT_DEAD, COMPACT_IDLE, INLINE_MAX, BlockStore
@@ -252,14 +253,14 @@ class Store:
         # came meanwhile (a name removed, and its link count held, must commit together)
         self._write_behind()
         if durable or self.db.dirty:
-            await trio.to_thread.run_sync(self.db.commit_deferred(durable))
+            await workers.run_sync(self.db.commit_deferred(durable))
 
     async def _sync_packs(self) -> None:
         """Makes every pack append whose row may be in the open transaction durable. The flusher
         runs while a sync waits, and its rows join this transaction: synced again until a sync
         finds nothing new, and at last without yielding, so that no more can come."""
         for _ in range(SYNC_ROUNDS):
-            await trio.to_thread.run_sync(self.packs.sync)
+            await workers.run_sync(self.packs.sync)
             if self.packs.synced():
                 return
         self.packs.sync()
