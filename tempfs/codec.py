@@ -112,7 +112,8 @@ class ContentCodec:
         object_key = self._unwrap_key(object_id, digest, wrapped_key)
         nonce = sealed[_HEADER.size : _HEADER.size + _NONCE]
         try:
-            body = AESGCM(object_key).decrypt(nonce, sealed[_HEADER.size + _NONCE :], header)
+            # a view, not a slice: a slice of the sealed bytes would copy the whole block once more
+            body = AESGCM(object_key).decrypt(nonce, memoryview(sealed)[_HEADER.size + _NONCE :], header)
         except InvalidTag:
             raise IntegrityError("object failed authentication") from None
         return _decompress(fmt, body)
