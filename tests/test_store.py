@@ -665,6 +665,32 @@ async def test_a_small_write_into_a_stored_block_is_stored_as_a_patch_without_re
 
 
 @trio_test
+async def test_a_fsynced_patch_stays_in_its_row_and_its_commit_fsyncs_no_pack(opener, monkeypatch):
+    """An append and a fsync of a few KiB (a journal): the patch is kept in the metadata, whose
+    durable commit covers it, so the fsync costs one disk flush (the log's), not a pack's too. A
+    patch the flusher stores goes to a pack as before."""
+    store, f, data = await stored_file(opener, BLOCK_SIZE, seed=4)
+    pack_syncs = []
+    real_sync = store.packs.sync
+    monkeypatch.setattr(store.packs, "sync", lambda: pack_syncs.append(1) or real_sync())
+    await store.write(f, 100, b"journal record")
+    data[100:114] = b"journal record"
+    await store.fsync(f)
+    patch_rows = "SELECT objects.data IS NOT NULL, objects.pack FROM blocks JOIN objects ON objects.id = blocks.object " \
+                 "WHERE blocks.layer > 0 ORDER BY blocks.layer"
+    assert store.db.execute(patch_rows).fetchall() == [(1, None)] and pack_syncs == []
+    await store.write(f, 200, b"flushed")
+    data[200:207] = b"flushed"
+    await store.sync()
+    assert [inline for inline, _ in store.db.execute(patch_rows)] == [1, 0]
+    assert _counters(store) == _recomputed(store)
+    assert (await check_store(store, repair=False)).clean
+    opener.close(store)
+    store = opener()
+    assert await store.read(f, 0, BLOCK_SIZE) == data
+
+
+@trio_test
 async def test_a_block_with_its_fill_of_patches_is_stored_whole_at_the_next_change(opener):
     store, f, data = await stored_file(opener, BLOCK_SIZE, seed=2)
     for i in range(MAX_PATCHES + 1):

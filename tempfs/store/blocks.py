@@ -616,9 +616,13 @@ class BlockStore:
             left -= dirty[key].held
         return due
 
-    async def flush_inode(self, inode: int) -> None:
+    async def flush_inode(self, inode: int, inline_patches: bool = False) -> None:
+        """Stores a file's dirty blocks. `inline_patches`: for a `fsync`, whose commit is made
+        durable at once: its patches are kept in their metadata rows, if small enough, where the
+        commit's own fsync covers them, instead of in a pack that would need one of its own
+        (an append and a `fsync` of 4 KiB, as a journal makes, cost one disk flush, not two)."""
         while keys := [(inode, b) for b in self._dirty_blocknos.get(inode, ())]:
-            await self.flush_keys(keys)
+            await self.flush_keys(keys, inline_patches)
 
     async def flush_tagged(self, tag: Optional[str]) -> None:
         while keys := [k for k, b in self.dirty.items() if b.tag == tag]:
@@ -628,18 +632,19 @@ class BlockStore:
         while self.dirty:
             await self.flush_keys(list(self.dirty))
 
-    async def flush_keys(self, keys: list[tuple[int, int]]) -> None:
-        """Stores these dirty blocks. If the disk fails (ENOSPC, EIO) or the database refuses
+    async def flush_keys(self, keys: list[tuple[int, int]], inline_patches: bool = False) -> None:
+        """Stores these dirty blocks (`inline_patches`: see flush_inode). If the disk fails (ENOSPC, EIO) or the database refuses
         (locked by another process) the blocks concerned stay dirty and the first error is raised
         once every batch has run."""
         failures: list[OSError] = []
         async with trio.open_nursery() as nursery:
             for i in range(0, len(keys), FLUSH_BATCH):
-                nursery.start_soon(self._flush_batch, keys[i:i + FLUSH_BATCH], failures)
+                nursery.start_soon(self._flush_batch, keys[i:i + FLUSH_BATCH], failures, inline_patches)
         if failures:
             raise failures[0]
 
-    async def _flush_batch(self, keys: list[tuple[int, int]], failures: list[OSError]) -> None:
+    async def _flush_batch(self, keys: list[tuple[int, int]], failures: list[OSError],
+                           inline_patches: bool = False) -> None:
         async with self._flush_slots:
             claimed: list[_Claim] = []
             busy: list[trio.Event] = []
@@ -657,7 +662,7 @@ class BlockStore:
                     claimed.append(_Claim(key, block, block.version, block.overlay.encode(), patch=True))
             try:
                 if claimed:
-                    await self._seal_batch(claimed)
+                    await self._seal_batch(claimed, inline_patches)
             except (OSError, sqlite3.Error) as e:
                 failures.append(e)
             finally:
@@ -667,7 +672,7 @@ class BlockStore:
         for event in busy:
             await event.wait()
 
-    async def _seal_batch(self, claimed: list["_Claim"]) -> None:
+    async def _seal_batch(self, claimed: list["_Claim"], inline_patches: bool = False) -> None:
         """Stores a batch of blocks: two trips to the worker threads (hash, then seal and write
         what is new), or none for a batch of small objects (kept inline, or patches); then one
         synchronous metadata update."""
@@ -685,8 +690,8 @@ class BlockStore:
                 makers[digest] = claim
         items = [(object_id, plain, digest, tag, makers[digest].patch)
                  for digest, (object_id, plain, tag) in new.items()]
-        written = self._seal_and_write_many(items) if here else await workers.run_sync(
-            self._seal_and_write_many, items)
+        written = self._seal_and_write_many(items, inline_patches) if here else await workers.run_sync(
+            self._seal_and_write_many, items, inline_patches)
         added: dict[bytes, int] = {}  # digest -> the object this batch stored for it
         try:
             # what a row does not take (a concurrent batch stored the same content first, or the
@@ -740,17 +745,18 @@ class BlockStore:
         # a comparison stops at the first byte that differs; bytes.count(0) reads them all
         return data == (self._zeros if len(data) == self.block_size else bytes(len(data)))
 
-    def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes, Optional[str], bool]]) -> list[tuple]:
+    def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes, Optional[str], bool]],
+                             inline_patches: bool = False) -> list[tuple]:
         """(stored size, wrapped key, sealed bytes if kept inline, pack, offset) of each item
         (object id, plain, digest, tag, is a patch); the others are appended to their area's pack,
-        one write per area. A patch always goes to a pack, however small: inline, it put a page
-        of the database through the WAL at every random 4 KiB write (random writes 1.22x as
-        fast in a pack, A/B)."""
+        one write per area. A patch goes to a pack, however small, unless `inline_patches`
+        (flush_inode): inline, it put a page of the database through the WAL at every random
+        4 KiB write (random writes 1.22x as fast in a pack, A/B)."""
         sealed = [self.codec.seal(object_id, plain, digest) for object_id, plain, digest, _, _ in items]
         places: dict[int, tuple[int, int]] = {}  # item -> (pack, offset)
         by_tag: dict[Optional[str], list[int]] = {}
         for i, ((data, _), (_, _, _, tag, is_patch)) in enumerate(zip(sealed, items)):
-            if is_patch or len(data) > self.inline_max:
+            if (is_patch and not inline_patches) or len(data) > self.inline_max:
                 by_tag.setdefault(tag, []).append(i)
         try:
             for tag, indexes in by_tag.items():

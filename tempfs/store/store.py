@@ -260,9 +260,9 @@ class Store:
         runs while a sync waits, and its rows join this transaction: synced again until a sync
         finds nothing new, and at last without yielding, so that no more can come."""
         for _ in range(SYNC_ROUNDS):
-            await workers.run_sync(self.packs.sync)
-            if self.packs.synced():
+            if self.packs.synced():  # nothing appended since the last sync, none running: no trip
                 return
+            await workers.run_sync(self.packs.sync)
         self.packs.sync()
 
     async def compact(self, min_dead: float = COMPACT_DEAD, max_packs: int = 8, idle: float = COMPACT_IDLE) -> int:
@@ -804,7 +804,7 @@ class Store:
         self._update_kept(ino, "size=?, mtime_ns=?, ctime_ns=?", (size, now, now))
 
     async def fsync(self, ino: int) -> None:
-        await self.blocks.flush_inode(ino)
+        await self.blocks.flush_inode(ino, inline_patches=True)
         await self.commit(durable=True)
 
     # ---- accounting ----------------------------------------------------------------------
