@@ -633,9 +633,9 @@ class BlockStore:
             await self.flush_keys(list(self.dirty))
 
     async def flush_keys(self, keys: list[tuple[int, int]], inline_patches: bool = False) -> None:
-        """Stores these dirty blocks (`inline_patches`: see flush_inode). If the disk fails (ENOSPC, EIO) or the database refuses
-        (locked by another process) the blocks concerned stay dirty and the first error is raised
-        once every batch has run."""
+        """Stores these dirty blocks (`inline_patches`: see flush_inode). If the disk fails
+        (ENOSPC, EIO) or the database refuses (locked by another process) the blocks concerned
+        stay dirty and the first error is raised once every batch has run."""
         failures: list[OSError] = []
         async with trio.open_nursery() as nursery:
             for i in range(0, len(keys), FLUSH_BATCH):
