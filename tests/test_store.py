@@ -676,8 +676,8 @@ async def test_a_fsynced_patch_stays_in_its_row_and_its_commit_fsyncs_no_pack(op
     await store.write(f, 100, b"journal record")
     data[100:114] = b"journal record"
     await store.fsync(f)
-    patch_rows = "SELECT objects.data IS NOT NULL, objects.pack FROM blocks JOIN objects ON objects.id = blocks.object " \
-                 "WHERE blocks.layer > 0 ORDER BY blocks.layer"
+    patch_rows = ("SELECT objects.data IS NOT NULL, objects.pack FROM blocks JOIN objects ON objects.id = blocks.object "
+                  "WHERE blocks.layer > 0 ORDER BY blocks.layer")
     assert store.db.execute(patch_rows).fetchall() == [(1, None)] and pack_syncs == []
     await store.write(f, 200, b"flushed")
     data[200:207] = b"flushed"

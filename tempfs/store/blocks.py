@@ -644,7 +644,7 @@ class BlockStore:
             raise failures[0]
 
     async def _flush_batch(self, keys: list[tuple[int, int]], failures: list[OSError],
-                           inline_patches: bool = False) -> None:
+                           inline_patches: bool) -> None:
         async with self._flush_slots:
             claimed: list[_Claim] = []
             busy: list[trio.Event] = []
@@ -672,7 +672,7 @@ class BlockStore:
         for event in busy:
             await event.wait()
 
-    async def _seal_batch(self, claimed: list["_Claim"], inline_patches: bool = False) -> None:
+    async def _seal_batch(self, claimed: list["_Claim"], inline_patches: bool) -> None:
         """Stores a batch of blocks: two trips to the worker threads (hash, then seal and write
         what is new), or none for a batch of small objects (kept inline, or patches); then one
         synchronous metadata update."""
@@ -746,7 +746,7 @@ class BlockStore:
         return data == (self._zeros if len(data) == self.block_size else bytes(len(data)))
 
     def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes, Optional[str], bool]],
-                             inline_patches: bool = False) -> list[tuple]:
+                             inline_patches: bool) -> list[tuple]:
         """(stored size, wrapped key, sealed bytes if kept inline, pack, offset) of each item
         (object id, plain, digest, tag, is a patch); the others are appended to their area's pack,
         one write per area. A patch goes to a pack, however small, unless `inline_patches`

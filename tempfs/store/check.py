@@ -121,7 +121,7 @@ class _Checker:
         await self._check_object_refs()
         await self._check_tree()
         files, strays = await workers.run_sync(_list_object_files, self.store.objects.root,
-                                                      self.store.objects.levels)
+                                               self.store.objects.levels)
         packs, pack_strays = await workers.run_sync(self.store.packs.sizes)
         await self._check_content(files, packs)
         await self._check_counters()
