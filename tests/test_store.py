@@ -238,6 +238,23 @@ def test_make_lookup_children(store, clock):
     assert store.path_of(sub.id) == "/area/sub"
 
 
+def test_a_made_inode_is_what_the_database_holds(store, clock):
+    """make() builds the new row itself instead of reading it back: it must match, deadline too."""
+    hour = 3_600 * 10**9
+    store.apply_policies({"cache/data": hour, "cache/keep": None})
+    deadlines = []
+    for policy in ("cache/data", "cache/keep"):
+        folder = store.ensure_folder(policy, Kind.LEAF, 0o755, UID, GID, policy=policy)
+        clock.tick()
+        made = [store.make(folder, b"f", FILE, 1234, 5678), store.make(folder, b"d", DIR, UID, GID),
+                store.make(folder, b"n", stat.S_IFIFO | 0o600, UID, GID, rdev=7)]
+        store.db.forget_reads()
+        for node in made:
+            assert store.inode(node.id) == node
+        deadlines.append(made[0].expires_ns)
+    assert deadlines == [clock.now - 1_000_000 + hour, None]
+
+
 def test_make_refusals(store):
     d = store.make(ROOT_INODE, b"area", DIR, UID, GID)
     f = new_file(store, d.id, b"f")

@@ -547,10 +547,13 @@ class BlockStore:
     def drop_after(self, inode: int, size: int) -> None:
         """Forgets every block wholly at or past `size` (truncation, deletion with size 0)."""
         first = self.drop_dirty_after(inode, size)
-        rows = self.db.change("DELETE FROM blocks WHERE inode=? AND blockno>=? RETURNING object", (inode, first),
-                              (inode, AREA_USAGE))
-        if rows:
-            self._maps_kept += 1  # every block map kept so far is out of reach: a range cannot be named
+        # read, then deleted: cheaper than DELETE ... RETURNING (a temporary table), and an
+        # empty file costs one query
+        rows = self.db.execute("SELECT object FROM blocks WHERE inode=? AND blockno>=?", (inode, first)).fetchall()
+        if not rows:
+            return
+        self.db.change("DELETE FROM blocks WHERE inode=? AND blockno>=?", (inode, first), (inode, AREA_USAGE))
+        self._maps_kept += 1  # every block map kept so far is out of reach: a range cannot be named
         for (object_id,) in rows:
             self._decref(object_id)
 
@@ -819,18 +822,23 @@ class BlockStore:
         return rows
 
     def _decref(self, object_id: int) -> None:
-        # the last reference, the common case in a temp store, costs one statement
-        dropped = self.db.change(f"DELETE FROM objects WHERE id=? AND refcount<=1 RETURNING {_STORAGE}", (object_id,))
-        if dropped:
-            self._dropped(object_id, dropped[0])
-        else:
-            self.db.change("UPDATE objects SET refcount=refcount-1 WHERE id=?", (object_id,))
+        """One reference fewer: the last one drops the object."""
+        self._release(object_id, references=1)
 
     def _drop_if_unreferenced(self, object_id: int) -> None:
+        self._release(object_id, references=0)
+
+    def _release(self, object_id: int, references: int) -> None:
+        """Drops `references` of an object, and the object once none is left (read, then
+        deleted or counted down: cheaper than DELETE ... RETURNING, which costs a temporary table)."""
         row = self.db.one(f"SELECT {_STORAGE} FROM objects WHERE id=?", (object_id,))
-        if row is not None and row[0] <= 0:
+        if row is None:
+            return
+        if row[0] <= references:
             self.db.change("DELETE FROM objects WHERE id=?", (object_id,))
             self._dropped(object_id, row)
+        elif references:
+            self.db.change("UPDATE objects SET refcount=refcount-? WHERE id=?", (references, object_id))
 
     def _dropped(self, object_id: int, row: tuple) -> None:
         """What follows the deletion of an object's row (its _STORAGE columns: `row`)."""

@@ -336,6 +336,14 @@ class Database:
         self._changed(before, keys)
         return rows, cursor.rowcount
 
+    def insert(self, sql: str, args: Iterable[Any], held_ok: bool = False) -> int:
+        """change() of an INSERT of one row, returning its rowid (which RETURNING would cost a
+        temporary table: 10 us of the 24 an inode's INSERT took)."""
+        before = self.conn.total_changes
+        cursor = self.execute(sql, args, held_ok)
+        self._changed(before, ())
+        return cursor.lastrowid
+
     def change_many(self, sql: str, args: Iterable[tuple], keys: Iterable[Hashable] = ()) -> None:
         """change() of one statement over each tuple of `args`."""
         if self.holding:

@@ -400,11 +400,16 @@ class Store:
         is_dir = stat.S_ISDIR(mode)
         area = folder.area if folder.area is not None else name.decode(errors="surrogateescape")
         size = len(target) if target is not None else 0
-        (row,) = self.db.change(
+        nlink, life = 2 if is_dir else 1, self.lifetimes.get(folder.policy)
+        ino = self.db.insert(
             "INSERT INTO inodes(mode, uid, gid, size, nlink, rdev, atime_ns, mtime_ns, ctime_ns, kind, area, "
-            f"policy, life_ns, used_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_INODE_COLUMNS}",
-            (mode, uid, gid, size, 2 if is_dir else 1, rdev, now, now, now, kind, area,
-             folder.policy, self.lifetimes.get(folder.policy), now), held_ok=True)  # a new row: nothing held
+            "policy, life_ns, used_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (mode, uid, gid, size, nlink, rdev, now, now, now, kind, area, folder.policy, life, now),
+            held_ok=True)  # a new row: nothing held
+        # the row as the database now holds it (_INODE_COLUMNS; its deadline as _EXPIRES
+        # computes it with no TTL set), so that no query reads it back
+        row = (ino, mode, uid, gid, size, nlink, rdev, now, now, now, int(kind), area, None, folder.policy,
+               None if life is None else now + life, 0, life, None)
         node = Inode(*row)
         self.db.keep(_xattrs_key(node.id), False)  # a new inode has none: nothing to look up or delete
         if target is not None:  # sealed to its inode, whose number exists only now
