@@ -1136,13 +1136,14 @@ def test_a_store_before_packs_keeps_reading_and_removing_its_object_files(opener
 
 
 def test_cached_reads_never_outlive_a_change_or_a_rollback(store):
-    f = new_file(store, leaf(store), b"f")
-    before = store.inode(f)
+    folder = leaf(store)
+    f = new_file(store, folder, b"f")
+    assert store.lookup(folder, b"f") == f  # kept from here on
     store.db.execute("SAVEPOINT s")
-    run(store.truncate, f, 5)  # keeps the row it changed (attributes set are held in memory instead)
-    assert store.inode(f).size == 5
+    store.rename(folder, b"f", folder, b"g")  # keeps what it changed
+    assert store.lookup(folder, b"f") is None and store.lookup(folder, b"g") == f
     store.db.rollback_to("s")
-    assert store.inode(f) == before
+    assert store.lookup(folder, b"f") == f and store.lookup(folder, b"g") is None
 
     async def write_and_store():
         await store.write(f, 0, random.Random(1).randbytes(1000))

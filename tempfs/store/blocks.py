@@ -702,7 +702,7 @@ class BlockStore:
             # with the reference of the block it was made for (one statement less per object)
             for digest, (object_id, plain, _), (stored_size, wrapped_key, inline, pack, offset) in zip(
                     new, new.values(), written):
-                if self.db.change_count(
+                if self.db.change(
                         "INSERT INTO objects(id, digest, refcount, plain_size, stored_size, wrapped_key, data, pack, "
                         "offset) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                         (object_id, digest, len(plain), stored_size, wrapped_key, inline, pack, offset)):

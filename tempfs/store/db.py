@@ -317,28 +317,18 @@ class Database:
         return self.execute(sql, args, held_ok).fetchone()
 
     def change(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable] = (),
-               held_ok: bool = False) -> list[tuple]:
+               held_ok: bool = False) -> int:
         """Runs a statement that may change, with its triggers, the rows kept under `keys` and
-        no other kept row (execute() drops them all); returns the rows it RETURNs. `held_ok`:
-        it touches nothing held back (hold_back()), which may stay held."""
-        return self._change(sql, args, keys, held_ok)[0]
-
-    def change_count(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable] = ()) -> int:
-        """change(), returning how many rows the statement itself changed (RETURNING costs
-        SQLite a temporary table)."""
-        return self._change(sql, args, keys)[1]
-
-    def _change(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable],
-                held_ok: bool = False) -> tuple[list[tuple], int]:
+        no other kept row (execute() drops them all); returns how many rows it changed itself.
+        `held_ok`: it touches nothing held back (hold_back()), which may stay held. (No
+        RETURNING: it costs SQLite a temporary table, and made a create 1.3x as slow.)"""
         before = self.conn.total_changes
         cursor = self.execute(sql, args, held_ok)
-        rows = cursor.fetchall()  # total_changes moves when the statement ends
         self._changed(before, keys)
-        return rows, cursor.rowcount
+        return cursor.rowcount
 
     def insert(self, sql: str, args: Iterable[Any], held_ok: bool = False) -> int:
-        """change() of an INSERT of one row, returning its rowid (which RETURNING would cost a
-        temporary table: 10 us of the 24 an inode's INSERT took)."""
+        """change() of an INSERT of one row, returning its rowid."""
         before = self.conn.total_changes
         cursor = self.execute(sql, args, held_ok)
         self._changed(before, ())

@@ -431,7 +431,7 @@ class Store:
         if self.lookup(parent, name) is not None:
             raise StoreError(errno.EEXIST)
         now = self.clock()
-        self._update_kept(ino, "nlink=nlink+1, ctime_ns=?", (now,))
+        self._hold(ino, {"nlink": node.nlink + 1, "ctime_ns": now})
         self._add_entry(parent, name, ino, now, dir_delta=0)
         return self.inode(ino)
 
@@ -710,13 +710,6 @@ class Store:
         folder = self.inode(ino)
         self._hold(ino, {"nlink": folder.nlink + nlink_delta, "mtime_ns": now, "ctime_ns": now})
 
-    def _update_kept(self, ino: int, assignments: str, args: tuple) -> None:
-        """Changes an inode's columns and keeps the row it has now (no read when it is next asked for)."""
-        rows = self.db.change(f"UPDATE inodes SET {assignments} WHERE id=? RETURNING {_INODE_COLUMNS}",
-                              (*args, ino), (ino,))
-        if rows:
-            self.db.keep(ino, rows[0])
-
     def destroy_inode(self, ino: int) -> None:
         """Destroys now an inode that has no name left and no user: its content, xattrs and row."""
         if self._emptied.pop(ino, None) != self.db.forgotten:  # else nothing was written to it since
@@ -761,8 +754,8 @@ class Store:
         self.set_attrs(ino)
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
-        removed = self.db.change_count("DELETE FROM xattrs WHERE inode=? AND name=?",
-                                       (ino, self.names.xattr_name(ino, name))) > 0
+        removed = self.db.change("DELETE FROM xattrs WHERE inode=? AND name=?",
+                                 (ino, self.names.xattr_name(ino, name))) > 0
         if removed:
             self.set_attrs(ino)
         return removed
@@ -806,7 +799,7 @@ class Store:
         await self.blocks.cut_tail(ino, min(size, node.size), node.area)
         self.blocks.drop_after(ino, size)
         now = self.clock()
-        self._update_kept(ino, "size=?, mtime_ns=?, ctime_ns=?", (size, now, now))
+        self._hold(ino, {"size": size, "mtime_ns": now, "ctime_ns": now})
 
     async def fsync(self, ino: int) -> None:
         await self.blocks.flush_inode(ino, inline_patches=True)
