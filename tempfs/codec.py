@@ -76,7 +76,7 @@ class ContentCodec:
             raise ValueError(f"unknown dedup digest {algorithm!r}")
         self.digest_algorithm = algorithm
 
-    def digest(self, plain: bytes | memoryview) -> bytes:
+    def digest(self, plain: bytes) -> bytes:
         """Keyed digest of a block's plaintext: the deduplication key."""
         key = self._digest_keys[self.digest_algorithm]
         if self.digest_algorithm == "blake3":
@@ -89,7 +89,7 @@ class ContentCodec:
         entry = _LAYER.pack(inode, blockno, object_id, layer) if layer else _BLOCK.pack(inode, blockno, object_id)
         return hashlib.blake2b(entry, key=self._tag_key, digest_size=16).digest()
 
-    def seal(self, object_id: int, plain: bytes | memoryview, digest: bytes = b"") -> tuple[bytes, bytes]:
+    def seal(self, object_id: int, plain: bytes, digest: bytes = b"") -> tuple[bytes, bytes]:
         """Returns (object bytes to store on disk, wrapped object key for the metadata); `digest`
         is the dedup digest the metadata records for it, bound to the key."""
         if len(plain) > MAX_PLAIN_BYTES:
@@ -137,7 +137,7 @@ def _id_bytes(object_id: int) -> bytes:
     return struct.pack(">Q", object_id)
 
 
-def _compress(plain: bytes | memoryview) -> tuple[int, bytes | memoryview]:
+def _compress(plain: bytes) -> tuple[int, bytes]:
     packed = lz4.block.compress(plain, mode="fast", store_size=True)
     if len(packed) < len(plain):
         return _LZ4, packed

@@ -855,25 +855,6 @@ async def test_all_zero_blocks_make_no_object(store):
 
 
 @trio_test
-async def test_a_block_written_whole_keeps_the_writers_bytes_until_written_again(store):
-    f = new_file(store, leaf(store), b"f")
-    whole = random.Random(7).randbytes(2 * BLOCK_SIZE)
-    await store.write(f, 0, whole)
-    held = store.blocks.dirty[(f, 0)].data
-    assert isinstance(held, memoryview) and held.obj is whole  # a view, not a copy
-    await store.write(f, 10, b"xyz")  # written again: the block takes a copy first
-    assert store.blocks.dirty[(f, 0)].data[:13] == whole[:10] + b"xyz"
-    mutable = bytearray(b"m" * BLOCK_SIZE)  # a buffer its writer may change: always copied
-    await store.write(f, BLOCK_SIZE, mutable)
-    mutable[:] = bytes(BLOCK_SIZE)
-    expected = whole[:10] + b"xyz" + whole[13:BLOCK_SIZE] + b"m" * BLOCK_SIZE
-    assert await store.read(f, 0, 2 * BLOCK_SIZE) == expected
-    await store.sync()
-    store.blocks._clean.clear()  # noqa: SLF001 (read back from the store)
-    assert await store.read(f, 0, 2 * BLOCK_SIZE) == expected
-
-
-@trio_test
 async def test_dedup_and_deletion_of_objects(opener):
     store = opener(cache_limit=0)
     d = leaf(store)

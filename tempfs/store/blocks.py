@@ -98,11 +98,8 @@ class BlockReadError(Exception):
 @dataclass(eq=False)
 class DirtyBlock:
     """A block written since it was last stored: its whole content (`data`), or what was
-    written over its stored content (`overlay`), to be stored as a patch. `data` is a read-only
-    view when one write covered all of it with immutable bytes (a FUSE request's buffer): kept
-    as it is, where a copy took the trio thread 10-15 us a block, and copied only if written
-    again."""
-    data: bytearray | memoryview
+    written over its stored content (`overlay`), to be stored as a patch."""
+    data: bytearray
     tag: Optional[str] = None  # the area it will be charged to once stored
     since: float = field(default_factory=time.monotonic)
     version: int = 0
@@ -113,12 +110,9 @@ class DirtyBlock:
     stored: Optional[tuple] = None
     held: int = 0  # what it is counted at in BlockStore.held_bytes
 
-    def put(self, start: int, piece: memoryview, frozen: bool = False) -> None:
-        """Writes `piece` at `start`; `frozen`: it views immutable bytes, which may be kept."""
-        if self.overlay is None and frozen and start == 0 and len(piece) >= len(self.data):
-            self.data = piece  # nothing it held is left
-        elif self.overlay is None:
-            data = self._writable()
+    def put(self, start: int, piece: memoryview) -> None:
+        if self.overlay is None:
+            data = self.data
             inside = min(len(piece), max(len(data) - start, 0))  # what overwrites bytes it holds
             if inside:
                 data[start:start + inside] = piece[:inside]
@@ -139,19 +133,10 @@ class DirtyBlock:
         if self.overlay is not None:
             self.overlay.truncate(keep)
         elif len(self.data) > keep:
-            del self._writable()[keep:]
+            del self.data[keep:]
         else:
             return
         self.version += 1
-
-    def _writable(self) -> bytearray:
-        if not isinstance(self.data, bytearray):
-            self.data = bytearray(self.data)
-        return self.data
-
-    def content(self) -> bytes | memoryview:
-        """What it holds now, never changed by later writes (a read-only view is immutable)."""
-        return self.data if isinstance(self.data, memoryview) else bytes(self.data)
 
 
 class BlockStore:
@@ -301,7 +286,7 @@ class BlockStore:
             if blockno in overlays:
                 found.append(overlays[blockno].over(stored[blockno]))
             else:
-                found.append(stored[blockno] if block is None else bytes(block.content()))
+                found.append(stored[blockno] if block is None else bytes(block.data))
         return found
 
     async def _stored(self, inode: int, blocknos: Iterable[int]) -> dict[int, bytes]:
@@ -451,8 +436,7 @@ class BlockStore:
         the file's size before the write, spares reading back the blocks wholly past it (which
         truncation and deletion leave unmapped)."""
         pos = 0
-        frozen = isinstance(data, bytes)  # a block it covers whole keeps a view instead of a copy
-        data = memoryview(data)  # each block's piece copied at most once, into its dirty block
+        data = memoryview(data)  # each block's piece copied once, into its dirty block
         while pos < len(data):
             blockno, start = divmod(offset + pos, self.block_size)
             n = min(self.block_size - start, len(data) - pos)
@@ -471,7 +455,7 @@ class BlockStore:
                     await self._fill_in((inode, blockno), block)  # first: if that fails, nothing was written
                 else:
                     break
-            block.put(start, data[pos:pos + n], frozen)
+            block.put(start, data[pos:pos + n])
             self._count_held(block)
             pos += n
 
@@ -676,7 +660,7 @@ class BlockStore:
                     continue
                 block.flushing = trio.Event()
                 if block.overlay is None:
-                    claimed.append(_Claim(key, block, block.version, block.content()))
+                    claimed.append(_Claim(key, block, block.version, bytes(block.data)))
                 else:
                     claimed.append(_Claim(key, block, block.version, block.overlay.encode(), patch=True))
             try:
@@ -760,14 +744,8 @@ class BlockStore:
         """The dedup digest of each block or patch, None for an all-zero block (a hole)."""
         return [None if not c.patch and self._all_zero(c.plain) else self.codec.digest(c.plain) for c in claimed]
 
-    def _all_zero(self, data: bytes | memoryview) -> bool:
-        # a comparison stops at the first byte that differs; bytes.count(0) reads them all. A
-        # memoryview compares byte by byte (600 us a block of zeros): its first bytes decide
-        # most blocks, and the others are compared as bytes
-        if isinstance(data, memoryview):
-            if any(data[:64]):
-                return False
-            data = bytes(data)
+    def _all_zero(self, data: bytes) -> bool:
+        # a comparison stops at the first byte that differs; bytes.count(0) reads them all
         return data == (self._zeros if len(data) == self.block_size else bytes(len(data)))
 
     def _seal_and_write_many(self, items: list[tuple[int, bytes, bytes, Optional[str], bool]],
@@ -953,6 +931,6 @@ class _Claim:
     key: tuple[int, int]
     block: DirtyBlock
     version: int
-    plain: bytes | memoryview  # the block's content (DirtyBlock.content), or its overlay's encoded patch
+    plain: bytes  # the block's content, or the encoded patch of its overlay
     patch: bool = False
     digest: Optional[bytes] = None
