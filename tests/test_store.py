@@ -891,23 +891,6 @@ async def test_dedup_and_deletion_of_objects(opener):
 
 
 @trio_test
-async def test_small_files_alike_share_one_object_stored_in_one_batch_or_two(store):
-    d = leaf(store)
-    data = random.Random(3).randbytes(4000)
-    files = [new_file(store, d, b"a%d" % i) for i in range(2)]
-    for ino in files:
-        await store.write(ino, 0, data)
-    await store.sync()  # one batch
-    files.append(new_file(store, d, b"later"))
-    await store.write(files[-1], 0, data)
-    await store.sync()  # another: sealed without a lookup, its row's INSERT finds the stored copy
-    assert store.db.execute("SELECT refcount, data IS NOT NULL FROM objects").fetchall() == [(3, 1)]
-    for ino in files:
-        assert await store.read(ino, 0, 8000) == data
-    assert store.usage()["total"]["stored_bytes"] == store.db.one("SELECT stored_size FROM objects")[0]
-
-
-@trio_test
 async def test_a_mostly_dead_pack_is_compacted_and_what_lives_in_it_still_reads(opener):
     store = opener(cache_limit=0)
     d = leaf(store)

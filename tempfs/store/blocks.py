@@ -687,10 +687,8 @@ class BlockStore:
         makers: dict[bytes, _Claim] = {}  # digest -> the claim a new object is made for
         for claim, digest in zip(claimed, digests):
             claim.digest = digest
-            # Looked up first only where storing a copy costs a write to a pack. A patch is
-            # seldom stored twice, and a small object sealed here costs less to seal than the
-            # lookup: its row's INSERT finds any copy stored (ON CONFLICT), and _settle takes that
-            if digest is not None and digest not in new and (claim.patch or here or self._object_of(digest) is None):
+            # a patch is seldom stored twice: not worth a lookup (a second copy is not kept)
+            if digest is not None and digest not in new and (claim.patch or self._object_of(digest) is None):
                 new[digest] = (self._new_object_id(), claim.plain, claim.block.tag)
                 makers[digest] = claim
         items = [(object_id, plain, digest, tag, makers[digest].patch)
