@@ -323,17 +323,17 @@ class Database:
         `held_ok`: it touches nothing held back (hold_back()), which may stay held. (Callers
         use no RETURNING: SQLite runs such a statement into a temporary table first, and
         without it creates ran 1.3x as fast.)"""
-        before = self.conn.total_changes
-        cursor = self.execute(sql, args, held_ok)
-        self._changed(before, keys)
-        return cursor.rowcount
+        return self._change(sql, args, keys, held_ok).rowcount
 
     def insert(self, sql: str, args: Iterable[Any], held_ok: bool = False) -> int:
         """change() of an INSERT of one row, returning its rowid."""
+        return self._change(sql, args, (), held_ok).lastrowid
+
+    def _change(self, sql: str, args: Iterable[Any], keys: Iterable[Hashable], held_ok: bool) -> sqlite3.Cursor:
         before = self.conn.total_changes
         cursor = self.execute(sql, args, held_ok)
-        self._changed(before, ())
-        return cursor.lastrowid
+        self._changed(before, keys)
+        return cursor
 
     def change_many(self, sql: str, args: Iterable[tuple], keys: Iterable[Hashable] = ()) -> None:
         """change() of one statement over each tuple of `args`."""

@@ -406,10 +406,9 @@ class Store:
             "policy, life_ns, used_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (mode, uid, gid, size, nlink, rdev, now, now, now, kind, area, folder.policy, life, now),
             held_ok=True)  # a new row: nothing held
-        # the row as the database now holds it (_INODE_COLUMNS; its deadline as _EXPIRES
-        # computes it with no TTL set), so that no query reads it back
+        # the row as the database now holds it (_INODE_COLUMNS), so that no query reads it back
         row = (ino, mode, uid, gid, size, nlink, rdev, now, now, now, int(kind), area, None, folder.policy,
-               None if life is None else now + life, 0, life, None)
+               _deadline(now, life, None), 0, life, None)
         node = Inode(*row)
         self.db.keep(_xattrs_key(node.id), False)  # a new inode has none: nothing to look up or delete
         if target is not None:  # sealed to its inode, whose number exists only now
@@ -959,9 +958,16 @@ def _with_held(row: tuple, held: dict[str, int]) -> tuple:
     for name, value in held.items():
         out[_COLUMN_INDEX[name]] = value
     if "ctime_ns" in held:
-        now, life, ttl = held["ctime_ns"], row[_COLUMN_INDEX["life_ns"]], row[_COLUMN_INDEX["ttl_deadline_ns"]]
-        out[_COLUMN_INDEX["expires_ns"]] = ttl if life is None else min(now + life, now + life if ttl is None else ttl)
+        out[_COLUMN_INDEX["expires_ns"]] = _deadline(held["ctime_ns"], row[_COLUMN_INDEX["life_ns"]],
+                                                     row[_COLUMN_INDEX["ttl_deadline_ns"]])
     return tuple(out)
+
+
+def _deadline(ctime_ns: int, life_ns: Optional[int], ttl_deadline_ns: Optional[int]) -> Optional[int]:
+    """An entry's deadline as the database computes its expires_ns (db.py _EXPIRES)."""
+    if life_ns is None:
+        return ttl_deadline_ns
+    return min(ctime_ns + life_ns, ctime_ns + life_ns if ttl_deadline_ns is None else ttl_deadline_ns)
 
 
 def _saved(referenced: int, unique: int, stored: int) -> dict[str, int]:
