@@ -8,7 +8,7 @@ open, getxattr, write, flush, release), then busy-waits the pause (in microsecon
 program never sleeps, as one that computes between its files). Prints, per pause, the loops per
 second and the daemon's CPU time (user + system, all threads, from /proc/PID/stat) per loop.
 Run it against a tempfs mount with `[requests] spin` at its default and at "0" to see what
-looking for the next request before sleeping costs when the next request is late (README).
+looking for the next request before sleeping costs when the next request is late (BENCHMARKS.md).
 """
 from __future__ import annotations
 

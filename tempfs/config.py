@@ -71,7 +71,7 @@ _DEFAULT_CACHE_LIMIT = 64 * MiB
 _DEFAULT_MIN_FREE = 256 * MiB
 _DEFAULT_CHECK_INTERVAL = 7 * 24 * _HOUR  # the seed's weekly whole-tree cleanup
 # After answering a request the daemon polls for the next one this long before it sleeps: waking
-# a sleeping thread costs about as much as a small request (stat 1.3-1.7x, create 1.1x; README)
+# a sleeping thread costs about as much as a small request (stat 1.3-1.7x, create 1.1x; BENCHMARKS.md)
 DEFAULT_REQUEST_SPIN = 50e-6
 MAX_REQUEST_SPIN = 10e-3
 
