@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from conftest import executed_statements, run_script
 from tempfs.codec import MASTER_KEY_BYTES, ContentCodec, IntegrityError
@@ -24,7 +25,7 @@ from tempfs.store import (ROOT_INODE, BlockReadError, DamagedMetadata, Store, St
                           StoreOpenError, WrongKeyError)
 from tempfs.store.check import check_store
 from tempfs.store.db import _BLOCK_TRIGGERS, SCHEMA_VERSION, Database
-from tempfs.store.blocks import MAX_PATCHES, PRESSURE_LEFT
+from tempfs.store.blocks import DIRTY_OVERHEAD, MAX_PATCHES, PRESSURE_LEFT
 from tempfs.store.patch import apply
 from tempfs.store.store import BLOCK_SIZE, MAX_FILE_SIZE, SYNC_ROUNDS
 
@@ -1843,6 +1844,38 @@ async def test_dirty_limit_back_pressure_with_flusher(opener, chunk, monkeypatch
     assert not store.blocks.dirty and store.blocks.dirty_bytes == store.blocks.held_bytes == 0
     assert await store.read(f, 0, len(data) + 1) == data
     assert objects_rows(store) == len(data) // BLOCK_SIZE
+
+
+@pytest.mark.timeout(30)
+@trio_test
+async def test_a_write_waiting_for_room_leaves_the_stored_block_as_it_was(opener, monkeypatch):
+    """A whole-block write over a stored block, with the dirty budget too full for it by less
+    than a block's overhead: while it waits for room, a reader still reads what is stored,
+    and if it is cancelled there (a daemon ending) the block keeps its stored content. (A dirty
+    block made for it before it had room held nothing yet: it read as zeros, and was stored
+    as a hole.)"""
+    monkeypatch.setattr("tempfs.store.blocks.FLUSH_AGE", 7200.0)
+    store = opener(dirty_limit=8 * BLOCK_SIZE, cache_limit=0)
+    folder = leaf(store)
+    f, filler = new_file(store, folder, b"stored"), new_file(store, folder, b"filler")
+    rng = random.Random(41)
+    old, new = rng.randbytes(2 * BLOCK_SIZE), rng.randbytes(BLOCK_SIZE)
+    await store.write(f, 0, old)
+    await store.sync()
+    # 7 dirty blocks holding all but half an overhead of 7 whole blocks: room for a new block,
+    # not for a new block and its overhead
+    await store.write(filler, 0, rng.randbytes(7 * BLOCK_SIZE - 7 * DIRTY_OVERHEAD - DIRTY_OVERHEAD // 2))
+    assert store.blocks.held_bytes == 7 * BLOCK_SIZE - DIRTY_OVERHEAD // 2
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.write, f, BLOCK_SIZE, new)  # no flusher: it waits for ever
+        await trio.testing.wait_all_tasks_blocked()
+        assert await store.read(f, 0, 2 * BLOCK_SIZE + 1) == old
+        nursery.cancel_scope.cancel()
+    await store.sync()
+    assert await store.read(f, 0, 2 * BLOCK_SIZE + 1) == old
+    await store.write(f, BLOCK_SIZE, new)  # with room, as ever
+    await store.sync()
+    assert await store.read(f, 0, 2 * BLOCK_SIZE + 1) == old[:BLOCK_SIZE] + new
 
 
 @pytest.mark.timeout(30)

@@ -13,7 +13,7 @@ Guarantees:
 - Dirty data is bounded by `dirty_limit`: a writer that would pass it waits for the flusher.
   A dirty block counts at what it holds (a small file's block, or a 4 KiB write over a stored
   block, a patch to be, about 5 KiB), and a new one may be made only with room for a whole
-  block. The areas' limits and `du` count every dirty block as a whole block, the most it may
+  block, so that the write it is made for never waits with it empty. The areas' limits and `du` count every dirty block as a whole block, the most it may
   store. A dirty block is stored once FLUSH_AGE old (an overlay, OVERLAY_AGE); once half the
   limit is held, every whole block is stored, and the overlays holding most until what is
   held falls back to PRESSURE_LEFT of that half.
@@ -478,7 +478,10 @@ class BlockStore:
             block = self.dirty.get(key)
             if block is not None:
                 return block
-            if self.held_bytes + self.block_size > self.dirty_limit:
+            # room for all a write may put in it: a new block must not wait once made, since until
+            # the write's first piece is in it, it stands for its stored block and holds nothing
+            # (a reader would read zeros; stored, or left by a write cancelled there, a hole)
+            if self.held_bytes + DIRTY_OVERHEAD + self.block_size > self.dirty_limit:
                 await self._wait_for_room()
                 continue
             block = DirtyBlock(bytearray(), tag, stored=() if unmapped else None)
