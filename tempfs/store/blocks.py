@@ -13,8 +13,9 @@ Guarantees:
 - Dirty data is bounded by `dirty_limit`: a writer that would pass it waits for the flusher.
   A dirty block counts at what it holds (a small file's block, or a 4 KiB write over a stored
   block, a patch to be, about 5 KiB), and a new one may be made only with room for a whole
-  block, so that the write it is made for never waits with it empty. The areas' limits and `du` count every dirty block as a whole block, the most it may
-  store. A dirty block is stored once FLUSH_AGE old (an overlay, OVERLAY_AGE); once half the
+  block and its overhead, so that the write it is made for never waits with it empty. The
+  areas' limits and `du` count every dirty block as a whole block, the most it may store.
+  A dirty block is stored once FLUSH_AGE old (an overlay, OVERLAY_AGE); once half the
   limit is held, every whole block is stored, and the overlays holding most until what is
   held falls back to PRESSURE_LEFT of that half.
 - A change to part of a stored block that is not cached is stored as a patch laid over it
